@@ -1,0 +1,1 @@
+"""Config: validated models (pydantic) and the factory that turns them into policies."""

@@ -1,0 +1,140 @@
+"""Reading a config file: YAML, schema, cross-references; every error located."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from config.models import FenderConfig
+
+__all__ = ["YamlLoader", "ConfigIssue", "ConfigInvalid", "LoadedConfig", "load_file", "load_text", "format_loc"]
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 reads `on:` (a retry key) as True."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    loc: str
+    msg: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+    def as_dict(self) -> dict[str, str]:
+        return {"loc": self.loc, "msg": self.msg}
+
+
+class ConfigInvalid(Exception):
+    def __init__(self, errors: list[ConfigIssue], source: str = "") -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+        self.source = source
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    config: FenderConfig
+    hash: str  # sha256 of the file's bytes, first 16 hex digits
+    source: str
+    raw: dict[str, Any]
+
+
+def format_loc(parts: Iterable[int | str]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("~") or part.startswith("function-"):
+            continue  # union tags and validator names are not locations a user can see
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def load_file(path: str | Path) -> LoadedConfig:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigInvalid([ConfigIssue("", f"cannot read {path}: {exc.strerror or exc}")], str(path)) from exc
+    return load_text(data, source=str(path))
+
+
+def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
+    raw_bytes = data.encode() if isinstance(data, str) else data
+    try:
+        raw = yaml.load(raw_bytes, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigInvalid([ConfigIssue(loc, f"invalid YAML: {problem}")], source) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigInvalid([ConfigIssue("", "the config must be a YAML mapping")], source)
+    try:
+        config = FenderConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigInvalid(_issues(exc), source) from exc
+    problems = list(cross_check(config))
+    if problems:
+        raise ConfigInvalid(problems, source)
+    digest = hashlib.sha256(raw_bytes).hexdigest()[:16]
+    return LoadedConfig(config=config, hash=digest, source=source, raw=raw)
+
+
+def _issues(exc: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        issues.append(ConfigIssue(format_loc(err["loc"]), msg))
+    return issues
+
+
+def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
+    """What the schema alone cannot see: names that must exist or be unique."""
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if route.name in seen:
+            yield ConfigIssue(f"routes[{i}].name", f"duplicate route name {route.name!r} (first at routes[{seen[route.name]}])")
+        else:
+            seen[route.name] = i
+    for j, item in enumerate(config.defaults.chain):
+        if isinstance(item, str) and item not in config.policies:
+            yield ConfigIssue(f"defaults.chain[{j}]", f"unknown policy {item!r}")
+    for i, route in enumerate(config.routes):
+        for j, item in enumerate(route.chain or ()):
+            if isinstance(item, str) and item not in config.policies:
+                yield ConfigIssue(f"routes[{i}].chain[{j}]", f"unknown policy {item!r}")
+    for name, template in config.sagas.items():
+        for k, step in enumerate(template.steps):
+            for part in ("action", "compensation"):
+                call = step.get(part) if isinstance(step, dict) else None
+                if isinstance(call, dict):
+                    target = call.get("route")
+                    if isinstance(target, str) and target not in seen:
+                        yield ConfigIssue(f"sagas.{name}.steps[{k}].{part}.route", f"unknown route {target!r}")

@@ -1,0 +1,158 @@
+"""The config file's schema (SPEC section 4): frozen pydantic models, unknown keys are errors."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from config.policy_models import Frozen, PolicyModel
+from config.saga_models import SagaTemplateModel
+from config.units import Duration
+
+__all__ = [
+    "FenderConfig",
+    "RouteModel",
+    "MatchModel",
+    "UpstreamModel",
+    "TlsModel",
+    "ListenersModel",
+    "DefaultsModel",
+    "ChainItem",
+    "NAME_PATTERN",
+]
+
+NAME_PATTERN = r"^[a-z0-9_-]+$"
+_NAME = re.compile(NAME_PATTERN)
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9_.-]+$")
+_ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+
+# Tags start with "~" so that the location formatter can drop them from error paths.
+ChainItem = Annotated[
+    Annotated[str, Tag("~ref")] | Annotated[PolicyModel, Tag("~inline")],
+    Discriminator(lambda v: "~ref" if isinstance(v, str) else "~inline"),
+]
+
+
+class TlsModel(Frozen):
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+class UpstreamModel(Frozen):
+    url: str
+    connect_timeout: Duration = Field(2.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    tls: TlsModel = TlsModel()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream {value!r} must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("an upstream URL takes no query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"upstream {value!r} has an invalid port") from exc
+        return value.rstrip("/")
+
+
+class MatchModel(Frozen):
+    host: str | None = None
+    path_prefix: str = "/"
+    methods: tuple[str, ...] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.lower()
+        if host.count("*") > 1 or ("*" in host and not host.startswith("*.")) or not _HOST.match(host):
+            raise ValueError(f"host {value!r} must be a host name or '*.suffix'")
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("path_prefix must start with '/'")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(m.upper() for m in value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): v for k, v in value.items()}
+
+
+class RouteModel(Frozen):
+    name: str = Field(pattern=NAME_PATTERN, max_length=63)
+    match: MatchModel = MatchModel()
+    upstream: UpstreamModel
+    strip_prefix: bool = False
+    preserve_host: bool = False
+    chain: tuple[ChainItem, ...] | None = None
+
+
+class DefaultsModel(Frozen):
+    chain: tuple[ChainItem, ...] = ()
+
+
+class ListenersModel(Frozen):
+    proxy: str | None = None
+    admin: str | None = None
+    metrics: str | None = None
+
+    @field_validator("proxy", "admin", "metrics")
+    @classmethod
+    def _addr(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDR.match(value):
+            raise ValueError(f"listener address {value!r} must be HOST:PORT")
+        return value
+
+
+class FenderConfig(Frozen):
+    version: int = 1
+    listeners: ListenersModel = ListenersModel()
+    defaults: DefaultsModel = DefaultsModel()
+    policies: dict[str, PolicyModel] = Field(default_factory=dict)
+    routes: tuple[RouteModel, ...] = ()
+    sagas: dict[str, SagaTemplateModel] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only config version 1 is supported")
+        return value
+
+    @field_validator("policies", "sagas")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"name {name!r} must match {NAME_PATTERN}")
+        return value
+
+    def chain_of(self, route: RouteModel) -> tuple[ChainItem, ...]:
+        return route.chain if route.chain is not None else self.defaults.chain
+
+    def route(self, name: str) -> RouteModel | None:
+        return next((r for r in self.routes if r.name == name), None)

@@ -1,0 +1,240 @@
+"""Validated, frozen models of every policy of SPEC section 4. No behaviour here."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from config.units import Duration, Rate, Size
+
+__all__ = [
+    "Frozen",
+    "TimeoutModel",
+    "BackoffModel",
+    "RetryAfterModel",
+    "RetryBudgetModel",
+    "RetryModel",
+    "CircuitBreakerModel",
+    "RateLimitModel",
+    "BulkheadModel",
+    "FallbackModel",
+    "PolicyModel",
+    "POLICY_KINDS",
+    "RETRY_CONDITIONS",
+]
+
+RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "gateway-error", "5xx")
+FALLBACK_KINDS = (
+    "circuit_open", "timeout", "rate_limited", "bulkhead_full",
+    "upstream_unavailable", "upstream_reset", "5xx",
+)
+_STATUS_CLASS = re.compile(r"^[1-5]xx$")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TimeoutModel(Frozen):
+    duration: Duration = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar(cls, value: Any) -> Any:
+        # `timeout: 5s` is shorthand for `timeout: {duration: 5s}`
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return {"duration": value}
+        return value
+
+
+class BackoffModel(Frozen):
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffModel:
+        if self.max < self.base:
+            raise ValueError("backoff.max must not be smaller than backoff.base")
+        return self
+
+
+class RetryAfterModel(Frozen):
+    honor: bool = True
+    max: Duration = 10.0
+
+
+class RetryBudgetModel(Frozen):
+    ratio: float = Field(0.2, ge=0, le=1)
+    min_per_second: float = Field(10, ge=0)
+    window: Duration = Field(10.0, gt=0)
+
+
+def _check_status_or_class(item: str | int) -> str | int:
+    if isinstance(item, int):
+        if not 100 <= item <= 599:
+            raise ValueError(f"status {item} is not between 100 and 599")
+        return item
+    if _STATUS_CLASS.match(item):
+        return item
+    raise ValueError(f"{item!r} is not a status code or a class such as '5xx'")
+
+
+class RetryModel(Frozen):
+    attempts: int = Field(3, ge=1, le=100)
+    on: tuple[str | int, ...] = ("connect-failure", "reset", "gateway-error")
+    methods: tuple[str, ...] = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+    backoff: BackoffModel = BackoffModel()
+    retry_after: RetryAfterModel = RetryAfterModel()
+    budget: RetryBudgetModel = RetryBudgetModel()
+    max_body: Size = 64 * 1024
+
+    @field_validator("on", mode="after")
+    @classmethod
+    def _conditions(cls, value: tuple[str | int, ...]) -> tuple[str | int, ...]:
+        for item in value:
+            if isinstance(item, int):
+                _check_status_or_class(item)
+            elif item not in RETRY_CONDITIONS:
+                if item.isdigit():
+                    _check_status_or_class(int(item))
+                    continue
+                raise ValueError(
+                    f"unknown retry condition {item!r}; use one of {', '.join(RETRY_CONDITIONS)} or a status code"
+                )
+        return tuple(int(i) if isinstance(i, str) and i.isdigit() else i for i in value)
+
+    @field_validator("methods", mode="after")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m.upper() for m in value)
+
+
+class CircuitBreakerModel(Frozen):
+    consecutive_failures: int | None = Field(None, ge=1)
+    failure_rate: float | None = Field(None, gt=0, le=1)
+    window: Duration | None = Field(None, gt=0)
+    window_calls: int | None = Field(None, ge=1)
+    min_calls: int = Field(20, ge=1)
+    slow_call_duration: Duration | None = Field(None, gt=0)
+    slow_call_rate: float = Field(1.0, gt=0, le=1)
+    open_for: Duration = Field(30.0, gt=0)
+    max_open_for: Duration = Field(300.0, gt=0)
+    half_open_calls: int = Field(1, ge=1)
+    failure_statuses: tuple[str | int, ...] = ("5xx",)
+
+    @field_validator("failure_statuses", mode="after")
+    @classmethod
+    def _statuses(cls, value: tuple[str | int, ...]) -> tuple[str | int, ...]:
+        return tuple(_check_status_or_class(int(i) if isinstance(i, str) and i.isdigit() else i) for i in value)
+
+    @model_validator(mode="after")
+    def _mode(self) -> CircuitBreakerModel:
+        rate_mode = self.failure_rate is not None or self.slow_call_duration is not None
+        if self.consecutive_failures is not None and rate_mode:
+            raise ValueError("choose either consecutive_failures or failure_rate, not both")
+        if self.window is not None and self.window_calls is not None:
+            raise ValueError("choose either window (time) or window_calls (count), not both")
+        if (self.window is not None or self.window_calls is not None) and not rate_mode:
+            raise ValueError("window and window_calls apply to failure_rate mode only")
+        if self.max_open_for < self.open_for:
+            raise ValueError("max_open_for must not be smaller than open_for")
+        return self
+
+    @property
+    def mode(self) -> Literal["consecutive", "rate"]:
+        rate = self.failure_rate is not None or self.slow_call_duration is not None
+        return "rate" if rate else "consecutive"
+
+
+class RateLimitModel(Frozen):
+    rate: Rate
+    burst: float | None = Field(None, gt=0)
+    key: str = "route"
+    wait: Duration = 0.0
+    shadow: bool = False
+    backend: Literal["local", "redis"] = "local"
+    on_backend_error: Literal["allow", "deny"] = "allow"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value in ("route", "client_ip"):
+            return value
+        if value.startswith("header:") and len(value) > len("header:"):
+            return "header:" + value[len("header:"):].lower()
+        raise ValueError("key is 'route', 'client_ip' or 'header:<name>'")
+
+    @property
+    def effective_burst(self) -> float:
+        return self.burst if self.burst is not None else max(1.0, self.rate)
+
+
+class BulkheadModel(Frozen):
+    max_concurrent: int = Field(100, ge=1)
+    max_queue: int = Field(0, ge=0)
+    queue_timeout: Duration = 0.0
+
+
+class FallbackModel(Frozen):
+    on: tuple[str, ...] = ("circuit_open", "timeout", "5xx")
+    status: int = Field(200, ge=100, le=599)
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | dict[str, Any] | list[Any] = ""
+
+    @field_validator("on")
+    @classmethod
+    def _kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if item not in FALLBACK_KINDS:
+                raise ValueError(f"unknown failure kind {item!r}; use one of {', '.join(FALLBACK_KINDS)}")
+        return value
+
+
+POLICY_KINDS: dict[str, type[Frozen]] = {
+    "timeout": TimeoutModel,
+    "retry": RetryModel,
+    "circuit_breaker": CircuitBreakerModel,
+    "rate_limit": RateLimitModel,
+    "bulkhead": BulkheadModel,
+    "fallback": FallbackModel,
+}
+
+
+class PolicyModel(Frozen):
+    """`{kind: params}` with exactly one kind."""
+
+    timeout: TimeoutModel | None = None
+    retry: RetryModel | None = None
+    circuit_breaker: CircuitBreakerModel | None = None
+    rate_limit: RateLimitModel | None = None
+    bulkhead: BulkheadModel | None = None
+    fallback: FallbackModel | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_params(cls, value: Any) -> Any:
+        # `- retry:` (no params) or `- retry: {}` both mean all defaults
+        if isinstance(value, dict):
+            return {k: ({} if v is None and k != "timeout" else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PolicyModel:
+        kinds = [k for k in POLICY_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "a policy is one mapping {kind: params} with kind one of " + ", ".join(POLICY_KINDS)
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in POLICY_KINDS if getattr(self, k) is not None)
+
+    @property
+    def params(self) -> Frozen:
+        value = getattr(self, self.kind)
+        assert isinstance(value, Frozen)
+        return value

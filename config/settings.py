@@ -1,0 +1,60 @@
+"""Process settings (SPEC section 3): CLI flag > FENDER_* environment > config `listeners:` > default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from config.models import ListenersModel
+from config.units import Duration
+
+__all__ = ["Settings", "split_addr"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FENDER_", extra="ignore", frozen=True)
+
+    config: str = "config/fender.yaml"
+    proxy_addr: str | None = None
+    admin_addr: str | None = None
+    metrics_addr: str | None = None
+    admin_token: str | None = Field(None, repr=False)
+    data_dir: str = ".fender"
+    saga_store: str | None = None
+    redis_url: str | None = Field(None, repr=False)
+    drain_timeout: Duration = 10.0
+    log_level: str = "info"
+    access_log: bool = True
+    workers: int = Field(1, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("log level is one of debug, info, warning, error, critical")
+        return level
+
+    def listeners(self, file: ListenersModel) -> tuple[str, str, str]:
+        """Effective proxy, admin and metrics addresses."""
+        return (
+            self.proxy_addr or file.proxy or "127.0.0.1:15001",
+            self.admin_addr or file.admin or "127.0.0.1:15000",
+            self.metrics_addr or file.metrics or "0.0.0.0:15090",
+        )
+
+    @property
+    def saga_store_url(self) -> str:
+        return self.saga_store or f"sqlite:///{self.data_dir}/sagas.db"
+
+    @classmethod
+    def from_cli(cls, **overrides: Any) -> Settings:
+        """Environment and defaults, with CLI flags (those not None) on top."""
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)

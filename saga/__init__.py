@@ -1,0 +1,1 @@
+"""Saga coordinator (SPEC section 8)."""
