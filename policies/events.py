@@ -24,6 +24,7 @@ __all__ = [
     "BreakerTransitioned",
     "BreakerRejected",
     "RateLimitHit",
+    "RateLimitBackendError",
     "BulkheadRejected",
     "BulkheadQueued",
     "TimeoutFired",
@@ -75,6 +76,14 @@ class RateLimitHit(Event):
     name = "rate_limited"
     policy: str
     shadow: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitBackendError(Event):
+    """The shared bucket store (Redis) failed; `on_backend_error` decided the request."""
+
+    name = "rate_limit_backend_error"
+    policy: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,105 @@
+"""CircuitBreakerPolicy: the async adapter around `BreakerStateMachine`.
+
+A response whose status is in `failure_statuses` counts as a failure, and so do
+connect failures, resets and timeouts. Rejections by policies further in
+(another breaker, a bulkhead) and cancellations say nothing about the upstream
+and are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from policies.base import Call, Outcome, RequestContext
+from policies.breaker_state import BreakerState, BreakerStateMachine
+from policies.clock import SYSTEM_CLOCK, Clock
+from policies.errors import CircuitOpen, TimedOut, UpstreamReset, UpstreamUnavailable
+from policies.events import BreakerRejected, BreakerTransitioned
+
+__all__ = ["CircuitBreakerPolicy", "expand_statuses"]
+
+_UPSTREAM_FAILURES = (UpstreamUnavailable, UpstreamReset, TimedOut)
+
+
+def expand_statuses(items: Iterable[str | int]) -> frozenset[int]:
+    """`[5xx, 429]` -> the set of status codes it names."""
+    statuses: set[int] = set()
+    for item in items:
+        if isinstance(item, int) or item.isdigit():
+            statuses.add(int(item))
+        elif len(item) == 3 and item[0] in "12345" and item[1:] == "xx":
+            first = int(item[0]) * 100
+            statuses.update(range(first, first + 100))
+        else:
+            raise ValueError(f"{item!r} is not a status or a class such as '5xx'")
+    return frozenset(statuses)
+
+
+class CircuitBreakerPolicy:
+    __slots__ = ("name", "machine", "failure_statuses", "clock", "_rejected")
+
+    kind = "circuit_breaker"
+
+    def __init__(
+        self,
+        machine: BreakerStateMachine,
+        *,
+        failure_statuses: Iterable[str | int] = ("5xx",),
+        name: str = "circuit_breaker",
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.name = name
+        self.machine = machine
+        self.failure_statuses = expand_statuses(failure_statuses)
+        self.clock = clock
+        self._rejected = BreakerRejected(name)
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        machine = self.machine
+        start = self.clock.now()
+        generation = machine.generation
+        if not machine.try_acquire(start):
+            ctx.emit(self._rejected)
+            retry_after = machine.remaining_open(start)
+            raise CircuitOpen(
+                f"circuit breaker {self.name} is {machine.state.value}",
+                retry_after=retry_after if retry_after > 0 else 1.0,
+            )
+        if machine.generation != generation:  # open -> half_open just now
+            self._emit_transition(ctx)
+            generation = machine.generation
+        try:
+            outcome = await call(ctx)
+        except _UPSTREAM_FAILURES:
+            now = self.clock.now()
+            machine.on_error(now - start, now, generation)
+            if machine.generation != generation:
+                self._emit_transition(ctx)
+            raise
+        except BaseException:
+            machine.release(generation)
+            raise
+        now = self.clock.now()
+        if outcome.status in self.failure_statuses:
+            machine.on_error(now - start, now, generation)
+        else:
+            machine.on_success(now - start, now, generation)
+        if machine.generation != generation:
+            self._emit_transition(ctx)
+        return outcome
+
+    def _emit_transition(self, ctx: RequestContext) -> None:
+        machine = self.machine
+        ctx.emit(BreakerTransitioned(self.name, machine.previous.value, machine.state.value))
+
+    @property
+    def state(self) -> BreakerState:
+        return self.machine.state
+
+    def reset(self) -> None:
+        """Force the breaker closed (POST /breakers/{name}/reset)."""
+        self.machine.reset(self.clock.now())
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, **self.machine.describe(self.clock.now())}

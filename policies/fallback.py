@@ -1,0 +1,80 @@
+"""FallbackPolicy: answer with a fixed response when the call fails in a listed way.
+
+`on` lists failure kinds (`circuit_open`, `timeout`, `rate_limited`,
+`bulkhead_full`, `upstream_unavailable`, `upstream_reset`) and `5xx`, which
+matches an upstream response with a 5xx status (that response is released and
+replaced). A dict or list body is served as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from policies.base import Call, Outcome, RequestContext
+from policies.errors import FenderError
+from policies.events import FallbackServed
+
+__all__ = ["FallbackPolicy", "FALLBACK_KINDS"]
+
+FALLBACK_KINDS = (
+    "circuit_open", "timeout", "rate_limited", "bulkhead_full",
+    "upstream_unavailable", "upstream_reset", "5xx",
+)
+
+
+class FallbackPolicy:
+    __slots__ = ("name", "kinds", "on_5xx", "status", "headers", "body", "_events")
+
+    kind = "fallback"
+
+    def __init__(
+        self,
+        on: Iterable[str] = ("circuit_open", "timeout", "5xx"),
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        body: str | bytes | dict[str, Any] | list[Any] = "",
+        *,
+        name: str = "fallback",
+    ) -> None:
+        kinds = frozenset(on)
+        unknown = kinds - set(FALLBACK_KINDS)
+        if unknown:
+            raise ValueError(f"unknown failure kinds: {', '.join(sorted(unknown))}")
+        self.name = name
+        self.kinds = kinds - {"5xx"}
+        self.on_5xx = "5xx" in kinds
+        self.status = status
+        out_headers = dict(headers or {})
+        if isinstance(body, dict | list):
+            data = json.dumps(body, separators=(",", ":")).encode()
+            if not any(k.lower() == "content-type" for k in out_headers):
+                out_headers["Content-Type"] = "application/json"
+        else:
+            data = body.encode() if isinstance(body, str) else body
+        self.headers = out_headers
+        self.body = data
+        self._events = {kind: FallbackServed(kind) for kind in FALLBACK_KINDS}
+
+    def outcome(self) -> Outcome:
+        # a fresh header dict each time: the proxy adds its own headers to it
+        return Outcome(self.status, dict(self.headers), body=self.body)
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        try:
+            outcome = await call(ctx)
+        except FenderError as exc:
+            if exc.kind not in self.kinds:
+                raise
+            ctx.emit(self._events[exc.kind])
+            return self.outcome()
+        if self.on_5xx and outcome.status >= 500:
+            outcome.release()
+            ctx.emit(self._events["5xx"])
+            return self.outcome()
+        return outcome
+
+    def describe(self) -> dict[str, Any]:
+        on = sorted(self.kinds | ({"5xx"} if self.on_5xx else set()))
+        return {"kind": self.kind, "name": self.name, "on": on, "status": self.status}

@@ -1,0 +1,150 @@
+"""RetryPolicy: make the call again when it failed in a way worth retrying.
+
+Each decision is a pure function of the attempt (its status or error, the
+number made so far, the deadline and the budget). A retry is made only when all
+of these hold: the condition is listed in `on`; attempts are left; the method
+is idempotent or the request carries `Idempotency-Key`; the request body can be
+replayed; the backoff (or the honoured Retry-After) ends before `ctx.deadline`;
+and the retry budget has room. Otherwise the last response is returned as is,
+or the last error is raised again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from policies.backoff import FullJitterBackoff, parse_retry_after
+from policies.base import Call, Outcome, RequestContext
+from policies.clock import SYSTEM_CLOCK, Clock
+from policies.errors import FenderError
+from policies.events import RetryAfterTooLong, RetryBudgetExhausted, RetryScheduled
+from policies.retry_budget import RetryBudget
+
+__all__ = ["RetryPolicy", "DEFAULT_ON", "IDEMPOTENT_METHODS", "GATEWAY_ERRORS"]
+
+DEFAULT_ON: tuple[str | int, ...] = ("connect-failure", "reset", "gateway-error")
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+GATEWAY_ERRORS = (502, 503, 504)
+# typed failures that a retry condition can name; anything else (circuit_open, ...) is final
+_ERROR_CONDITIONS = {
+    "upstream_unavailable": "connect-failure",
+    "upstream_reset": "reset",
+    "timeout": "timeout",
+}
+
+
+def _status_reasons(on: Iterable[str | int]) -> dict[int, str]:
+    """Status -> retry reason, most specific condition first (a number, then gateway-error, then a class)."""
+    reasons: dict[int, str] = {}
+    items = list(on)
+    for item in items:
+        if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
+            reasons.setdefault(int(item), str(int(item)))
+    if "gateway-error" in items:
+        for status in GATEWAY_ERRORS:
+            reasons.setdefault(status, "gateway-error")
+    for item in items:
+        if isinstance(item, str) and len(item) == 3 and item.endswith("xx") and item[0] in "12345":
+            first = int(item[0]) * 100
+            for status in range(first, first + 100):
+                reasons.setdefault(status, item)
+    return reasons
+
+
+class RetryPolicy:
+    __slots__ = ("name", "attempts", "methods", "backoff", "honor_retry_after", "retry_after_max",
+                 "budget", "max_body", "clock", "_status_reason", "_error_reason", "_on")
+
+    kind = "retry"
+
+    def __init__(
+        self,
+        *,
+        attempts: int = 3,
+        on: Iterable[str | int] = DEFAULT_ON,
+        methods: Iterable[str] = IDEMPOTENT_METHODS,
+        backoff: FullJitterBackoff | None = None,
+        honor_retry_after: bool = True,
+        retry_after_max: float = 10.0,
+        budget: RetryBudget | None = None,
+        max_body: int = 64 * 1024,
+        name: str = "retry",
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts counts the first call too, so it is at least 1")
+        self.name = name
+        self.attempts = attempts
+        self._on = tuple(on)
+        self.methods = frozenset(m.upper() for m in methods)
+        self.backoff = backoff if backoff is not None else FullJitterBackoff(rng=rng)
+        self.honor_retry_after = honor_retry_after
+        self.retry_after_max = retry_after_max
+        self.budget = budget if budget is not None else RetryBudget()
+        self.max_body = max_body
+        self.clock = clock
+        self._status_reason = _status_reasons(self._on)
+        self._error_reason = {kind: cond for kind, cond in _ERROR_CONDITIONS.items() if cond in self._on}
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        if self.attempts == 1 or not ctx.replayable or (
+            ctx.method not in self.methods and "idempotency-key" not in ctx.headers
+        ):
+            return await call(ctx)
+        clock = self.clock
+        self.budget.record_request(clock.now())
+        attempt = 1
+        while True:
+            try:
+                outcome = await call(ctx)
+            except FenderError as exc:
+                reason = self._error_reason.get(exc.kind)
+                if reason is None or attempt >= self.attempts or not ctx.replayable:
+                    raise
+                delay = self.backoff.delay(attempt)
+                if not self._may_retry(ctx, reason, delay):
+                    raise
+            else:
+                reason = self._status_reason.get(outcome.status)
+                if reason is None or attempt >= self.attempts or not ctx.replayable:
+                    return outcome
+                delay = self.backoff.delay(attempt)
+                if self.honor_retry_after:
+                    headers = outcome.headers
+                    retry_after = parse_retry_after(
+                        headers.get("retry-after") or headers.get("Retry-After"), clock.wall()
+                    )
+                    if retry_after is not None:
+                        if retry_after > self.retry_after_max:
+                            ctx.emit(RetryAfterTooLong(retry_after))
+                            return outcome
+                        delay = retry_after
+                if not self._may_retry(ctx, reason, delay):
+                    return outcome
+                outcome.release()
+            attempt += 1
+            ctx.emit(RetryScheduled(reason, attempt, delay))
+            if delay > 0:
+                await clock.sleep(delay)
+
+    def _may_retry(self, ctx: RequestContext, reason: str, delay: float) -> bool:
+        now = self.clock.now()
+        if ctx.deadline is not None and now + delay >= ctx.deadline:
+            return False  # the retry could not finish within the total budget
+        if not self.budget.try_spend(now):
+            ctx.emit(RetryBudgetExhausted(reason))
+            return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        requests, retries = self.budget.snapshot(self.clock.now())
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "attempts": self.attempts,
+            "on": [str(i) for i in self._on],
+            "budget": {"requests": requests, "retries": retries},
+        }

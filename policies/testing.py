@@ -1,0 +1,95 @@
+"""A fake clock for tests: time moves only when a test (or a sleeper) moves it.
+
+`sleep(s)` advances the clock by `s` at once and yields to the loop, so code that
+backs off or waits for a token runs instantly. `timeout(s)` behaves like
+`asyncio.timeout`: when the fake time passes its deadline the body is cancelled
+and `TimeoutError` is raised from the context manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+__all__ = ["FakeClock", "FakeTimeout"]
+
+
+class FakeTimeout:
+    """One `async with clock.timeout(s)` scope on a FakeClock."""
+
+    __slots__ = ("_clock", "_seconds", "deadline", "_task", "expired", "_done")
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self.deadline = 0.0
+        self._task: asyncio.Task[object] | None = None
+        self.expired = False
+        self._done = False
+
+    async def __aenter__(self) -> FakeTimeout:
+        self._task = asyncio.current_task()
+        self.deadline = self._clock.now() + self._seconds
+        self._clock._timers.append(self)
+        if self._seconds <= 0:
+            self._fire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._done = True
+        if self in self._clock._timers:
+            self._clock._timers.remove(self)
+        if self.expired and exc_type is asyncio.CancelledError:
+            assert self._task is not None
+            if self._task.uncancel() == 0:
+                raise TimeoutError from exc
+        return None
+
+    def _fire(self) -> None:
+        if not self.expired and not self._done and self._task is not None:
+            self.expired = True
+            self._task.cancel()
+
+
+class FakeClock:
+    """A `policies.clock.Clock` whose time only moves by `advance` or `sleep`."""
+
+    def __init__(self, start: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
+        self._now = start
+        self._wall_offset = wall - start
+        self._timers: list[FakeTimeout] = []
+        self.sleeps: list[float] = []  # every sleep asked for, in order
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward and cancel the bodies of timeouts that expired."""
+        self._now += seconds
+        for timer in list(self._timers):
+            if timer.deadline <= self._now:
+                self._timers.remove(timer)
+                timer._fire()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if seconds > 0:
+            # a sleeper whose own timeout fires first wakes at that deadline, as it would for real
+            task = asyncio.current_task()
+            until = self._now + seconds
+            for timer in self._timers:
+                if timer._task is task and timer.deadline < until:
+                    until = timer.deadline
+            self.advance(until - self._now)
+        await asyncio.sleep(0)
+
+    def timeout(self, seconds: float) -> FakeTimeout:
+        return FakeTimeout(self, seconds)

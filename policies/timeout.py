@@ -1,0 +1,54 @@
+"""TimeoutPolicy: cancel the inner call after a budget.
+
+Outside a retry it is the total budget of the request (retries and backoff
+included); inside a retry it bounds each attempt. Either way it narrows
+`ctx.deadline` for the calls it wraps, so a retry never sleeps past it, and
+restores the outer deadline afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from policies.base import Call, Outcome, RequestContext
+from policies.clock import SYSTEM_CLOCK, Clock
+from policies.errors import TimedOut
+from policies.events import TimeoutFired
+
+__all__ = ["TimeoutPolicy"]
+
+
+class TimeoutPolicy:
+    __slots__ = ("duration", "name", "clock", "_event", "_message")
+
+    kind = "timeout"
+
+    def __init__(self, duration: float, *, name: str = "timeout", clock: Clock = SYSTEM_CLOCK) -> None:
+        if duration <= 0:
+            raise ValueError("a timeout must be greater than zero")
+        self.duration = duration
+        self.name = name
+        self.clock = clock
+        self._event = TimeoutFired(budget=duration)  # immutable, so built once
+        self._message = f"no response within {_seconds(duration)}"
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        outer = ctx.deadline
+        deadline = self.clock.now() + self.duration
+        if outer is None or deadline < outer:
+            ctx.deadline = deadline
+        try:
+            async with self.clock.timeout(self.duration):
+                return await call(ctx)
+        except TimeoutError:
+            ctx.emit(self._event)
+            raise TimedOut(self._message) from None
+        finally:
+            ctx.deadline = outer
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "duration": self.duration}
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
