@@ -1,0 +1,237 @@
+"""Fender as a process: config, runtime, the three listeners, reload and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from config.loader import ConfigInvalid, ConfigIssue, LoadedConfig, load_file
+from config.settings import Settings, split_addr
+from policies.clock import SYSTEM_CLOCK, Clock
+from policies.events import EventBus
+from proxy.handler import InflightTracker, ProxyHandler
+from proxy.listener import ProxyServer
+from proxy.observer import NullObserver, RequestObserver
+from proxy.runtime import Runtime, RuntimeHolder, build_runtime
+from proxy.upstream import UpstreamPool
+
+__all__ = ["FenderApp", "ReloadResult", "resolve_config_path"]
+
+log = logging.getLogger("fender")
+
+
+def resolve_config_path(path: str) -> str:
+    """The configured path, or the packaged default when the default path is absent."""
+    if Path(path).exists() or path != "config/fender.yaml":
+        return path
+    return str(resources.files("config").joinpath("fender.yaml"))
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    ok: bool
+    at: float
+    hash: str | None = None
+    errors: list[ConfigIssue] = field(default_factory=list)
+    trigger: str = "start"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "at": self.at,
+            "hash": self.hash,
+            "trigger": self.trigger,
+            "errors": [e.as_dict() for e in self.errors],
+        }
+
+
+class FenderApp:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        observer: RequestObserver | None = None,
+        factory: Any = None,
+    ) -> None:
+        if factory is None:
+            from config.factory import PolicyFactory  # the policies' build step
+
+            factory = PolicyFactory(clock=clock, settings=settings)
+        self.settings = settings
+        self.clock = clock
+        self.config_path = resolve_config_path(settings.config)
+        self.bus = EventBus()
+        self.observer: RequestObserver = observer or NullObserver()
+        self.pool = UpstreamPool(self.observer)
+        self.factory = factory
+        self.inflight = InflightTracker()
+        self.ready = False
+        self.draining = False
+        self.holder: RuntimeHolder | None = None
+        self.last_reload: ReloadResult | None = None
+        self.reload_listeners: list[Any] = []  # callables(ReloadResult), e.g. metrics
+        self._reload_lock = asyncio.Lock()
+        self._runners: dict[str, web.BaseRunner] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.services: list[Any] = []  # objects with async start()/stop(), e.g. the saga service
+        self.admin_routes: list[web.RouteDef] = []
+        self.admin_middlewares: list[Any] = []
+        self.metrics_text = _default_metrics_text
+
+    # -- config ---------------------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        assert self.holder is not None, "config not loaded"
+        return self.holder.current
+
+    def load_initial(self) -> Runtime:
+        """Load the config at start; raises ConfigInvalid (there is no last good config yet)."""
+        loaded = load_file(self.config_path)
+        runtime = self._build(loaded)
+        self.holder = RuntimeHolder(runtime)
+        self.last_reload = ReloadResult(ok=True, at=time.time(), hash=loaded.hash, trigger="start")
+        return runtime
+
+    def _build(self, loaded: LoadedConfig) -> Runtime:
+        return build_runtime(loaded, self.factory, self.pool, self.bus)
+
+    async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Validate completely, then swap in one assignment; on error keep the last good config."""
+        async with self._reload_lock:
+            try:
+                loaded = load_file(self.config_path)
+                if self.holder is not None and loaded.hash == self.holder.current.hash:
+                    result = ReloadResult(ok=True, at=time.time(), hash=loaded.hash, trigger=trigger)
+                else:
+                    runtime = self._build(loaded)
+                    assert self.holder is not None
+                    self.holder.swap(runtime)
+                    self._retire_upstreams(runtime)
+                    result = ReloadResult(ok=True, at=time.time(), hash=loaded.hash, trigger=trigger)
+                    log.info("config reloaded", extra={"hash": loaded.hash, "trigger": trigger})
+            except ConfigInvalid as exc:
+                result = ReloadResult(ok=False, at=time.time(), errors=exc.errors, trigger=trigger)
+                log.error(
+                    "config reload rejected; keeping the last good config",
+                    extra={"trigger": trigger, "errors": [str(e) for e in exc.errors]},
+                )
+            except Exception as exc:  # a bug in building must not take the process down
+                log.exception("config reload failed")
+                result = ReloadResult(
+                    ok=False, at=time.time(), errors=[ConfigIssue("", f"internal error: {exc}")], trigger=trigger
+                )
+            self.last_reload = result
+            for listener in self.reload_listeners:
+                listener(result)
+            return result
+
+    def _retire_upstreams(self, runtime: Runtime) -> None:
+        dropped = self.pool.retain_only([r.model.upstream for r in runtime.routes.values()])
+        if dropped:
+            # requests in flight on the old chain may still use these pools: close them later
+            loop = asyncio.get_running_loop()
+            delay = max(self.settings.drain_timeout, 30.0)
+            for upstream in dropped:
+                loop.call_later(delay, _close_later, upstream)
+
+    # -- listeners ------------------------------------------------------------------------
+    def proxy_handler(self) -> ProxyHandler:
+        assert self.holder is not None
+        return ProxyHandler(self.holder, bus=self.bus, observer=self.observer, inflight=self.inflight)
+
+    def admin_app(self) -> web.Application:
+        from proxy.admin import build_admin_app
+
+        return build_admin_app(self)
+
+    def metrics_app(self) -> web.Application:
+        from proxy.health import health_routes
+
+        app = web.Application()
+        app.add_routes(health_routes(lambda: self.ready, lambda: self.metrics_text()))
+        return app
+
+    async def start(self) -> None:
+        if self.holder is None:
+            self.load_initial()
+        assert self.holder is not None
+        proxy_addr, admin_addr, metrics_addr = self.settings.listeners(
+            self.holder.current.loaded.config.listeners
+        )
+        if self.settings.admin_addr != "":
+            for service in self.services:
+                await service.start()
+        drain = self.settings.drain_timeout
+        proxy_runner = web.ServerRunner(
+            ProxyServer(self.proxy_handler(), handler_cancellation=True),
+            shutdown_timeout=drain,
+            handle_signals=False,
+            access_log=None,
+        )
+        await self._start_runner("proxy", proxy_runner, proxy_addr)
+        if self.settings.admin_addr != "":  # "" = not served (extra workers)
+            await self._start_runner(
+                "admin", web.AppRunner(self.admin_app(), shutdown_timeout=drain, access_log=None), admin_addr
+            )
+        if self.settings.metrics_addr != "":
+            await self._start_runner(
+                "metrics", web.AppRunner(self.metrics_app(), shutdown_timeout=1.0, access_log=None), metrics_addr
+            )
+        self.ready = True
+
+    async def _start_runner(self, name: str, runner: web.BaseRunner, addr: str) -> None:
+        host, port = split_addr(addr)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=self.settings.workers > 1, backlog=1024)
+        await site.start()
+        self._runners[name] = runner
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname() if sockets else (host, port)
+        self.addresses[name] = (host, int(bound[1]))
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: not ready, stop accepting, let in-flight requests finish, then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        log.info("draining", extra={"inflight": self.inflight.count})
+        for name in ("proxy", "admin"):
+            runner = self._runners.get(name)
+            if runner is not None:
+                for site in list(runner.sites):
+                    await site.stop()
+        try:
+            await asyncio.wait_for(self.inflight.wait_idle(), self.settings.drain_timeout)
+        except TimeoutError:
+            log.warning("drain timeout passed with requests in flight", extra={"inflight": self.inflight.count})
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.ready = False
+        for name in ("proxy", "admin", "metrics"):
+            runner = self._runners.pop(name, None)
+            if runner is not None:
+                await runner.cleanup()
+        for service in reversed(self.services):
+            await service.stop()
+        await self.pool.close()
+
+
+def _close_later(upstream: Any) -> None:
+    asyncio.ensure_future(upstream.close())
+
+
+def _default_metrics_text() -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

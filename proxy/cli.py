@@ -1,0 +1,129 @@
+"""`fender run | check | schema | version | demo` (SPEC section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+__all__ = ["main"]
+
+
+def _version() -> str:
+    try:
+        return version("fender")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fender", description="A resilience sidecar")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start the proxy, admin and metrics listeners")
+    run.add_argument("--config", help="config file (default: $FENDER_CONFIG or config/fender.yaml)")
+    run.add_argument("--workers", type=int, help="worker processes sharing the ports (SO_REUSEPORT)")
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("path")
+    sub.add_parser("schema", help="print the JSON Schema of the config file")
+    sub.add_parser("version", help="print the version")
+    demo = sub.add_parser("demo", help="run a failing demo upstream and Fender in front of it")
+    demo.add_argument("--upstream-port", type=int, default=18080)
+    args = parser.parse_args(argv)
+
+    if args.command == "version":
+        print(_version())
+        return 0
+    if args.command == "schema":
+        from config.models import FenderConfig
+
+        print(json.dumps(FenderConfig.model_json_schema(), indent=2))
+        return 0
+    if args.command == "check":
+        return _check(args.path)
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        return int(run_demo(args.upstream_port))
+    return _run(args.config, args.workers)
+
+
+def _check(path: str) -> int:
+    from config.loader import ConfigInvalid, load_file
+
+    try:
+        loaded = load_file(path)
+    except ConfigInvalid as exc:
+        for issue in exc.errors:
+            print(str(issue))
+        return 1
+    try:
+        from config.checks import warnings
+    except ModuleNotFoundError:
+        found = []
+    else:
+        found = warnings(loaded.config)
+    for issue in found:
+        print(f"warning: {issue}")
+    print(f"{path}: ok ({len(loaded.config.routes)} routes, hash {loaded.hash})", file=sys.stderr)
+    return 0
+
+
+def _run(config: str | None, workers: int | None) -> int:
+    from pydantic import ValidationError
+
+    from config.loader import ConfigInvalid
+    from config.settings import Settings
+    from proxy.logs import configure_logging
+
+    try:
+        settings = Settings.from_cli(config=config, workers=workers)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            print(f"FENDER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}", file=sys.stderr)
+        return 1
+    configure_logging(settings.log_level)
+    if settings.workers > 1:
+        from proxy.workers import run_workers
+
+        return run_workers(settings)
+    try:
+        return _run_loop(settings)
+    except ConfigInvalid as exc:
+        for issue in exc.errors:
+            print(str(issue), file=sys.stderr)
+        return 1
+
+
+def _run_loop(settings: object) -> int:
+    try:
+        import uvloop
+    except ImportError:  # optional: plain asyncio works, just slower
+        return asyncio.run(serve(settings))
+    return int(uvloop.run(serve(settings)))
+
+
+async def serve(settings: object) -> int:
+    from config.settings import Settings
+    from proxy.app import FenderApp
+    from proxy.assemble import assemble
+
+    assert isinstance(settings, Settings)
+    app = FenderApp(settings)
+    app.load_initial()  # raises ConfigInvalid before anything listens
+    assemble(app)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload("sighup")))
+    await stopping.wait()
+    await app.drain_and_stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

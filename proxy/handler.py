@@ -1,0 +1,225 @@
+"""The data plane: match a route, run its chain, relay the response.
+
+Per request this builds one RequestContext and one OutboundRequest; everything
+else (router, composed chains, upstream pools) was built with the config version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from policies.base import Outcome, RequestContext
+from policies.errors import FenderError
+from policies.events import EventBus
+from proxy.errors import error_response, rejection_response
+from proxy.headers import forward_headers, strip_hop_by_hop
+from proxy.observer import NullObserver, RequestObserver
+from proxy.routing import normalize_host
+from proxy.runtime import RouteRuntime, RuntimeHolder
+from proxy.upstream import OutboundRequest
+
+__all__ = ["ProxyHandler", "InflightTracker"]
+
+log = logging.getLogger("fender.proxy")
+
+_CONNECT_MESSAGE = (
+    "Fender does not tunnel CONNECT: send plain http:// URLs through the proxy and let the "
+    "route's https:// upstream originate TLS"
+)
+_NO_BODY_STATUSES = frozenset((204, 304))
+_CHUNK = 64 * 1024
+
+
+class InflightTracker:
+    """Counts requests in progress, so SIGTERM can wait for them to drain."""
+
+    __slots__ = ("count", "_idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        while self.count:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        *,
+        bus: EventBus | None = None,
+        observer: RequestObserver | None = None,
+        inflight: InflightTracker | None = None,
+    ) -> None:
+        self.holder = holder
+        self.bus = bus if bus is not None else EventBus()
+        self.observer: RequestObserver = observer or NullObserver()
+        self.inflight = inflight or InflightTracker()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.inflight.enter()
+        try:
+            return await self._handle(request)
+        finally:
+            self.inflight.leave()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        method = request.method
+        if method == "CONNECT":
+            return error_response("method_not_allowed", _CONNECT_MESSAGE, status=405, headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"})
+        rel = request.rel_url
+        path = rel.raw_path
+        headers = request.headers
+        route = self.holder.current.router.match(normalize_host(request.host), path, method, headers)
+        if route is None:
+            return error_response("no_route", f"no route matches {method} {request.host}{path}")
+        if route.strip:
+            path = path[route.strip:] or "/"
+            if not path.startswith("/"):
+                path = "/" + path
+        query = rel.raw_query_string
+        path_qs = f"{path}?{query}" if query else path
+
+        fwd = forward_headers(headers, drop_host=route.host_header is not None)
+        if route.host_header is not None:
+            fwd["Host"] = route.host_header
+        if "x-request-id" not in fwd:
+            fwd["x-request-id"] = os.urandom(16).hex()
+        fwd.popall("expect", None)
+
+        ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus)
+        try:
+            body = await self._request_body(request, route, ctx)
+        except ValueError as exc:
+            return error_response("bad_request", str(exc), route.name)
+        ctx.request = OutboundRequest(method, path_qs, fwd, body)
+        observer = self.observer
+        observer.request_started(ctx, headers)
+
+        status = 500
+        outcome_kind = "success"
+        try:
+            try:
+                outcome = await route.call(ctx)
+            except FenderError as exc:
+                outcome_kind = exc.kind
+                response: web.StreamResponse = rejection_response(exc, route.name, ctx.attempts)
+                status = response.status
+                return response
+            status = outcome.status
+            if outcome.body is not None:
+                outcome_kind = "fallback"
+                return self._static(outcome, route, ctx)
+            if status >= 500:
+                outcome_kind = "upstream_error"
+            response, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind)
+            return response
+        except asyncio.CancelledError:
+            outcome_kind = "client_abort"
+            status = 499
+            raise
+        finally:
+            observer.request_finished(ctx, method, path, status, outcome_kind, loop.time() - started)
+
+    async def _request_body(
+        self, request: web.BaseRequest, route: RouteRuntime, ctx: RequestContext
+    ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
+        if not request.body_exists:
+            return None
+        if request.headers.get("expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        limit = route.buffer_limit
+        length = request.content_length
+        if limit and length is not None and length <= limit:
+            return await request.read()
+        ctx.replayable = False
+        if limit and length is None:
+            # chunked: buffer what fits, stream the rest behind it
+            content = request.content
+            buffered = bytearray()
+            while len(buffered) <= limit:
+                chunk = await content.readany()
+                if not chunk:
+                    ctx.replayable = True
+                    return bytes(buffered)
+                buffered += chunk
+            return _prefixed(bytes(buffered), content)
+        return request.content
+
+    @staticmethod
+    def _static(outcome: Outcome, route: RouteRuntime, ctx: RequestContext) -> web.Response:
+        headers = CIMultiDict(outcome.headers)
+        headers.popall("content-length", None)
+        headers["x-fender-route"] = route.name
+        headers["x-fender-attempts"] = str(ctx.attempts)
+        return web.Response(status=outcome.status, body=outcome.body, headers=headers)
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        outcome: Outcome,
+        route: RouteRuntime,
+        ctx: RequestContext,
+        outcome_kind: str,
+    ) -> tuple[web.StreamResponse, str]:
+        upstream: aiohttp.ClientResponse = outcome.response
+        headers = strip_hop_by_hop(upstream.headers)
+        headers["x-fender-route"] = route.name
+        headers["x-fender-attempts"] = str(ctx.attempts)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
+                content = upstream.content
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    await response.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            # the upstream broke mid-body: the client must see a broken response, not a short one
+            log.debug("upstream reset mid-body on route %s: %s", route.name, exc)
+            upstream.close()
+            _abort(request)
+            return response, "upstream_reset"
+        except (ConnectionError, asyncio.CancelledError):
+            upstream.close()
+            raise
+        upstream.release()
+        await response.write_eof()
+        return response, outcome_kind
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield prefix
+    while True:
+        chunk = await rest.readany()
+        if not chunk:
+            return
+        yield chunk
