@@ -1,0 +1,182 @@
+"""From raw cells to the summary table, the ratios against the references and the goals."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Cell", "Summary", "format_table", "goals", "ratios", "summarize", "fmt_us"]
+
+
+@dataclass
+class Cell:
+    """One wrk run: one target at one concurrency in one round."""
+
+    target: str
+    concurrency: int
+    round: int
+    rps: float
+    p50_us: float
+    p99_us: float
+    errors: int = 0
+    rss_kib: int = 0  # right after the run
+
+
+@dataclass
+class Summary:
+    """Median over rounds of one target at one concurrency."""
+
+    rps: float
+    p50_us: float
+    p99_us: float
+    errors: int
+    rss_kib: int  # the largest seen after a run
+    rounds: int
+
+
+def summarize(cells: list[Cell]) -> dict[str, dict[int, Summary]]:
+    grouped: dict[str, dict[int, list[Cell]]] = {}
+    for cell in cells:
+        grouped.setdefault(cell.target, {}).setdefault(cell.concurrency, []).append(cell)
+    return {
+        target: {
+            conc: Summary(
+                rps=statistics.median(c.rps for c in runs),
+                p50_us=statistics.median(c.p50_us for c in runs),
+                p99_us=statistics.median(c.p99_us for c in runs),
+                errors=sum(c.errors for c in runs),
+                rss_kib=max(c.rss_kib for c in runs),
+                rounds=len(runs),
+            )
+            for conc, runs in sorted(by_conc.items())
+        }
+        for target, by_conc in grouped.items()
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def _get(summary: dict[str, dict[int, Summary]], target: str, conc: int) -> Summary | None:
+    return summary.get(target, {}).get(conc)
+
+
+def ratios(summary: dict[str, dict[int, Summary]], concurrencies: list[int],
+           fender: str = "fender-full") -> dict[str, Any]:
+    """Throughput and latency ratios; None where a side was not measured."""
+
+    def rps(target: str, conc: int) -> float | None:
+        s = _get(summary, target, conc)
+        return s.rps if s else None
+
+    def p50(target: str, conc: int) -> float | None:
+        s = _get(summary, target, conc)
+        return s.p50_us if s else None
+
+    out: dict[str, Any] = {
+        "full_over_empty_rps": {c: _ratio(rps("fender-full", c), rps("fender-empty", c))
+                                for c in concurrencies},
+        "empty_over_aiohttp_ref_rps": {c: _ratio(rps("fender-empty", c), rps("aiohttp-ref", c))
+                                       for c in concurrencies},
+        "fender_full_over_envoy_rps": {c: _ratio(rps(fender, c), rps("envoy", c))
+                                       for c in concurrencies},
+        "fender_full_over_envoy_p50": {c: _ratio(p50(fender, c), p50("envoy", c))
+                                       for c in concurrencies},
+    }
+    low = min(concurrencies) if concurrencies else 1
+    direct = p50("upstream", low)
+    added: dict[str, float | None] = {}
+    for target in summary:
+        if target == "upstream":
+            continue
+        own = p50(target, low)
+        added[target] = None if direct is None or own is None else round(own - direct, 1)
+    out[f"added_p50_us_at_c{low}"] = added
+    return out
+
+
+def goals(summary: dict[str, dict[int, Summary]], ratio: dict[str, Any],
+          idle_rss_kib: dict[str, int], concurrencies: list[int]) -> list[dict[str, Any]]:
+    """The targets of issue 9, each with the measured value and whether it was met."""
+    high = [c for c in concurrencies if c > 1] or concurrencies
+    low = min(concurrencies) if concurrencies else 1
+    rows: list[dict[str, Any]] = []
+
+    def add(goal: str, value: float | None, ok: bool | None) -> None:
+        rows.append({"goal": goal, "value": value, "met": ok})
+
+    for c in high:
+        v = ratio["full_over_empty_rps"].get(c)
+        add(f"full chain >= 0.95 x empty chain req/s (c={c})", v, None if v is None else v >= 0.95)
+    for c in high:
+        v = ratio["empty_over_aiohttp_ref_rps"].get(c)
+        add(f"empty chain >= 1.0 x bare aiohttp req/s (c={c})", v, None if v is None else v >= 1.0)
+    added = ratio.get(f"added_p50_us_at_c{low}", {})
+    for target in ("fender-empty", "fender-full"):
+        v = added.get(target)
+        add(f"{target}: p50 added over upstream at c={low} <= 150 us", v,
+            None if v is None else v <= 150)
+    for target in ("fender-empty", "fender-full"):
+        kib = idle_rss_kib.get(target)
+        mib = None if kib is None else round(kib / 1024, 1)
+        add(f"{target}: idle RSS <= 60 MB", mib, None if mib is None else mib <= 60)
+    for c in concurrencies:
+        v = ratio["fender_full_over_envoy_rps"].get(c)
+        add(f"moonshot: full chain req/s >= Envoy's (c={c})", v, None if v is None else v >= 1.0)
+        lat = ratio["fender_full_over_envoy_p50"].get(c)
+        add(f"moonshot: full chain p50 <= Envoy's (c={c})", lat, None if lat is None else lat <= 1.0)
+    return rows
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "n/a"
+    if us < 1000:
+        return f"{us:.0f}us"
+    if us < 1_000_000:
+        return f"{us / 1000:.2f}ms"
+    return f"{us / 1_000_000:.2f}s"
+
+
+def _fmt_rps(rps: float | None) -> str:
+    if rps is None:
+        return "n/a"
+    return f"{rps / 1000:.1f}k" if rps >= 1000 else f"{rps:.0f}"
+
+
+def format_table(summary: dict[str, dict[int, Summary]], order: list[str], concurrencies: list[int],
+                 idle_rss_kib: dict[str, int], notes: dict[str, str] | None = None) -> str:
+    """One row per target, req/s | p50 | p99 per concurrency, then idle and loaded RSS."""
+    head = ["target"]
+    for c in concurrencies:
+        head += [f"c={c} req/s", "p50", "p99"]
+    head += ["RSS idle", "RSS load", "errors"]
+    rows = [head]
+    for target in order:
+        by_conc = summary.get(target, {})
+        row = [target]
+        for c in concurrencies:
+            s = by_conc.get(c)
+            row += [_fmt_rps(s.rps), fmt_us(s.p50_us), fmt_us(s.p99_us)] if s else ["n/a"] * 3
+        idle = idle_rss_kib.get(target)
+        loaded = max((s.rss_kib for s in by_conc.values()), default=0)
+        row.append("n/a" if idle is None else f"{idle / 1024:.1f}M")
+        row.append(f"{loaded / 1024:.1f}M" if loaded else "n/a")
+        row.append(str(sum(s.errors for s in by_conc.values())) if by_conc else "n/a")
+        if notes and target in notes and not by_conc:
+            row[-1] = notes[target]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(head))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            cell.rjust(widths[i]) if i < len(head) - 1 else cell for i, cell in enumerate(row) if i
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The benchmark harness's own logic: reading wrk, medians, ratios, goals, the table and the
+config templates. Nothing here is timed and no server is started."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.procs import rss_kib, tree_pids
+from bench.report import Cell, format_table, goals, ratios, summarize
+from bench.run import parse_args, select
+from bench.saga import _lua_string, saga_body
+from bench.targets import CONFIGS, Workspace, all_targets, render
+from bench.wrk import parse_duration_us, parse_wrk_output
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:40001/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.42ms  310.11us   9.87ms   91.02%
+    Req/Sec    21.80k     1.02k   23.11k    80.00%
+  Latency Distribution
+     50%    1.38ms
+     75%    1.51ms
+     90%    1.70ms
+     99%    2.61ms
+  43393 requests in 2.00s, 6.21MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:  21696.50
+Transfer/sec:      3.10MB
+"""
+
+
+def test_wrk_durations_become_microseconds() -> None:
+    assert parse_duration_us("56.00us") == 56.0
+    assert parse_duration_us("1.42ms") == 1420.0
+    assert parse_duration_us("2.00s") == 2_000_000.0
+    with pytest.raises(ValueError):
+        parse_duration_us("fast")
+
+
+def test_wrk_report_is_read_with_errors_counted() -> None:
+    result = parse_wrk_output(WRK_OUTPUT)
+    assert result.rps == 21696.5
+    assert result.p50_us == 1380.0
+    assert result.p99_us == 2610.0
+    assert result.requests == 43393
+    assert result.errors == 3 + 1 + 7
+    assert result.percentiles_us["90"] == 1700.0
+
+
+def test_wrk_output_without_latency_distribution_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        parse_wrk_output("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def _cells() -> list[Cell]:
+    data = {
+        # target: (rps at c=1, p50 at c=1, rps at c=32)
+        "upstream": (20000, 50.0, 140000),
+        "fender-empty": (9000, 150.0, 20000),
+        "fender-full": (8000, 170.0, 19500),
+        "aiohttp-ref": (4000, 240.0, 9000),
+        "envoy": (4000, 235.0, 22000),
+    }
+    cells = []
+    for target, (rps1, p50, rps32) in data.items():
+        for rnd, jitter in ((1, 0.9), (2, 1.0), (3, 1.1)):
+            cells.append(Cell(target, 1, rnd, rps1 * jitter, p50 * jitter, p50 * 3, 0, 40_000))
+            cells.append(Cell(target, 32, rnd, rps32 * jitter, 900.0, 2000.0, rnd - 1, 50_000 + rnd))
+    return cells
+
+
+def test_summary_takes_the_median_of_rounds_and_the_largest_rss() -> None:
+    summary = summarize(_cells())
+    s = summary["fender-full"][32]
+    assert s.rps == pytest.approx(19500)
+    assert s.rounds == 3
+    assert s.errors == 0 + 1 + 2
+    assert s.rss_kib == 50_003
+
+
+def test_ratios_against_the_references_of_the_same_run() -> None:
+    r = ratios(summarize(_cells()), [1, 32])
+    assert r["full_over_empty_rps"][32] == pytest.approx(0.975)
+    assert r["empty_over_aiohttp_ref_rps"][1] == pytest.approx(2.25)
+    assert r["fender_full_over_envoy_rps"][32] == pytest.approx(19500 / 22000, abs=1e-3)
+    assert r["added_p50_us_at_c1"]["fender-empty"] == pytest.approx(100.0)
+    assert "upstream" not in r["added_p50_us_at_c1"]
+
+
+def test_goals_say_met_missed_or_not_measured() -> None:
+    cells = [c for c in _cells() if c.target != "envoy"]
+    summary = summarize(cells)
+    rows = {g["goal"]: g for g in goals(summary, ratios(summary, [1, 32]),
+                                        {"fender-empty": 50 * 1024, "fender-full": 70 * 1024}, [1, 32])}
+    assert rows["full chain >= 0.95 x empty chain req/s (c=32)"]["met"] is True
+    assert rows["fender-empty: p50 added over upstream at c=1 <= 150 us"]["met"] is True
+    assert rows["fender-full: idle RSS <= 60 MB"] == {
+        "goal": "fender-full: idle RSS <= 60 MB", "value": 70.0, "met": False}
+    assert rows["moonshot: full chain req/s >= Envoy's (c=32)"]["met"] is None
+
+
+def test_table_shows_each_target_and_na_with_the_reason() -> None:
+    summary = summarize(_cells())
+    order = ["upstream", "fender-empty", "traefik"]
+    table = format_table(summary, order, [1, 32], {"upstream": 14 * 1024}, {"traefik": "missing traefik"})
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["target", "c=1", "req/s", "p50"]
+    assert lines[2].startswith("upstream") and "20.0k" in lines[2] and "14.0M" in lines[2]
+    assert lines[4].startswith("traefik") and lines[4].endswith("missing traefik")
+    assert "n/a" in lines[4]
+
+
+def test_every_config_template_renders_without_leftover_placeholders(tmp_path: Path) -> None:
+    values = {"port": 1, "upstream_port": 2, "admin_port": 3}
+    for template in sorted(p.name for p in CONFIGS.iterdir()):
+        text = render(template, tmp_path, template, **values).read_text()
+        assert "$" not in text.replace("$workdir", ""), template
+    assert "127.0.0.1:2" in (tmp_path / "fender.yaml").read_text()
+
+
+def test_fender_bench_config_is_a_valid_fender_config(tmp_path: Path) -> None:
+    from config.loader import load_file
+
+    path = render("fender.yaml", tmp_path, "fender.yaml", upstream_port=8080)
+    routes = {r.name: r for r in load_file(path).config.routes}
+    assert routes["empty"].chain == ()
+    assert len(routes["full"].chain) == 5
+
+
+def test_target_selection_keeps_the_upstream_and_worker_column_is_optional() -> None:
+    names = [t.name for t in select(all_targets(0), "fender-full,envoy", "")]
+    assert names == ["upstream", "fender-full", "envoy"]
+    assert "fender-full-w4" in [t.name for t in all_targets(4)]
+    assert "envoy" not in [t.name for t in select(all_targets(0), "", "envoy,traefik")]
+    _ = Workspace(Path("/tmp"), 1).upstream_url
+
+
+def test_defaults_fit_the_three_minute_budget() -> None:
+    args = parse_args([])
+    targets = len(all_targets(2))
+    concurrencies = len(args.concurrency.split(","))
+    load_seconds = targets * (concurrencies * args.rounds * args.duration + args.warmup)
+    assert load_seconds + 4 * args.duration < 150
+
+
+def test_saga_body_has_three_steps_and_lua_strings_are_escaped() -> None:
+    assert [s["name"] for s in saga_body()["steps"]] == ["reserve", "charge", "ship"]
+    assert _lua_string('{"a": "b\\n"}') == '"{\\"a\\": \\"b\\\\n\\"}"'
+
+
+def test_rss_of_a_process_tree_includes_this_process() -> None:
+    assert os.getpid() in tree_pids(os.getpid())
+    assert rss_kib(os.getpid()) > 1000
+    assert rss_kib(os.getpid(), peak=True) >= rss_kib(os.getpid()) // 2
