@@ -86,6 +86,11 @@ class FenderApp:
         self.admin_middlewares: list[Any] = []
         self.metrics_text = _default_metrics_text
 
+    def set_observer(self, observer: RequestObserver) -> None:
+        """Install telemetry's observer on the data plane (before `start`)."""
+        self.observer = observer
+        self.pool.set_observer(observer)
+
     # -- config ---------------------------------------------------------------------------
     @property
     def runtime(self) -> Runtime:

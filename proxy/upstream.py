@@ -129,6 +129,11 @@ class UpstreamPool:
         self._by_key: dict[str, Upstream] = {}
         self._observer = observer
 
+    def set_observer(self, observer: Any) -> None:
+        self._observer = observer
+        for upstream in self._by_key.values():
+            upstream._observer = observer
+
     def get(self, model: UpstreamModel) -> Upstream:
         key = model.model_dump_json()
         upstream = self._by_key.get(key)
