@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import TypeVar
 
-__all__ = ["FakeClock", "FakeTimeout"]
+from policies.base import Outcome, RequestContext
+from policies.events import Event, EventBus
+
+__all__ = ["FakeClock", "FakeTimeout", "ScriptedUpstream", "Hang", "EventLog", "make_ctx"]
+
+E = TypeVar("E", bound=Event)
 
 
 class FakeTimeout:
@@ -93,3 +99,64 @@ class FakeClock:
 
     def timeout(self, seconds: float) -> FakeTimeout:
         return FakeTimeout(self, seconds)
+
+
+class ScriptedUpstream:
+    """A terminal call for policy tests: plays its script, one step per attempt.
+
+    A step is a status (`503`), a `(status, headers)` pair, an exception instance
+    to raise, or `Hang(seconds)` (sleeps on the clock, then answers 200). The
+    last step repeats. Like the proxy's forwarder it increments `ctx.attempts`.
+    """
+
+    def __init__(self, clock: FakeClock, *script: object) -> None:
+        self.clock = clock
+        self.script = list(script) or [200]
+        self.calls = 0
+        self.released: list[int] = []  # statuses of outcomes a policy released
+
+    async def __call__(self, ctx: RequestContext) -> Outcome:
+        step = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        ctx.attempts += 1
+        if isinstance(step, Hang):
+            await self.clock.sleep(step.seconds)
+            return Outcome(step.status, {})
+        if isinstance(step, BaseException):
+            raise step
+        if isinstance(step, tuple):
+            status, headers = step
+        else:
+            assert isinstance(step, int)
+            status, headers = step, {}
+        return Outcome(status, headers, release=lambda: self.released.append(status))
+
+
+class Hang:
+    def __init__(self, seconds: float, status: int = 200) -> None:
+        self.seconds = seconds
+        self.status = status
+
+
+class EventLog:
+    """An EventBus subscriber that keeps what it saw."""
+
+    def __init__(self) -> None:
+        self.bus = EventBus()
+        self.events: list[Event] = []
+        self.bus.subscribe(lambda event, ctx: self.events.append(event))
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def make_ctx(
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    *,
+    route: str = "r",
+    client_ip: str | None = "10.0.0.1",
+    replayable: bool = True,
+    bus: EventBus | None = None,
+) -> RequestContext:
+    return RequestContext(route, method, headers or {}, client_ip=client_ip, replayable=replayable, bus=bus)

@@ -1,0 +1,119 @@
+import asyncio
+
+import pytest
+
+from policies.base import compose
+from policies.clock import SYSTEM_CLOCK
+from policies.errors import TimedOut
+from policies.events import TimeoutFired
+from policies.retry import RetryPolicy
+from policies.testing import EventLog, FakeClock, Hang, ScriptedUpstream, make_ctx
+from policies.timeout import TimeoutPolicy
+
+
+async def test_slow_call_is_cancelled_at_the_budget_and_reported():
+    clock = FakeClock()
+    log = EventLog()
+    upstream = ScriptedUpstream(clock, Hang(5))
+    start = clock.now()
+    with pytest.raises(TimedOut):
+        await TimeoutPolicy(1.0, clock=clock)(upstream, make_ctx(bus=log.bus))
+    assert clock.now() - start == pytest.approx(1.0)
+    assert log.of(TimeoutFired) == [TimeoutFired(budget=1.0)]
+
+
+async def test_fast_call_passes_and_deadline_is_set_only_during_the_call():
+    clock = FakeClock()
+    seen = []
+
+    async def inner(ctx):
+        seen.append(ctx.deadline)
+        return await ScriptedUpstream(clock, Hang(0.2))(ctx)
+
+    ctx = make_ctx()
+    outcome = await TimeoutPolicy(1.0, clock=clock)(inner, ctx)
+    assert outcome.status == 200
+    assert seen == [pytest.approx(clock.now() - 0.2 + 1.0)]
+    assert ctx.deadline is None
+
+
+async def test_inner_timeout_never_widens_the_outer_deadline():
+    clock = FakeClock()
+    seen = []
+
+    async def probe(ctx):
+        seen.append(ctx.deadline)
+        from policies.base import Outcome
+        return Outcome(200, {})
+
+    start = clock.now()
+    await compose([TimeoutPolicy(1.0, clock=clock), TimeoutPolicy(5.0, clock=clock)], probe)(make_ctx())
+    await compose([TimeoutPolicy(5.0, clock=clock), TimeoutPolicy(1.0, clock=clock)], probe)(make_ctx())
+    assert seen == [start + 1.0, start + 1.0]
+
+
+async def test_outer_timeout_fires_through_a_longer_inner_one():
+    clock = FakeClock()
+    log = EventLog()
+    chain = compose([TimeoutPolicy(1.0, clock=clock), TimeoutPolicy(5.0, clock=clock)],
+                    ScriptedUpstream(clock, Hang(10)))
+    with pytest.raises(TimedOut):
+        await chain(make_ctx(bus=log.bus))
+    assert [e.budget for e in log.of(TimeoutFired)] == [1.0]
+
+
+async def test_per_attempt_timeout_inside_retry_lets_the_retry_succeed():
+    clock = FakeClock()
+    upstream = ScriptedUpstream(clock, Hang(5), Hang(5), Hang(0.1))
+    chain = compose(
+        [TimeoutPolicy(10.0, clock=clock),
+         RetryPolicy(attempts=3, on=["timeout"], clock=clock, rng=lambda: 0.0),
+         TimeoutPolicy(1.0, clock=clock)],
+        upstream,
+    )
+    ctx = make_ctx()
+    outcome = await chain(ctx)
+    assert outcome.status == 200
+    assert ctx.attempts == 3
+
+
+async def test_total_timeout_inside_retry_position_ends_the_request_instead():
+    # the same policies in the other order: the 1s budget covers the whole request
+    clock = FakeClock()
+    upstream = ScriptedUpstream(clock, Hang(5), Hang(5), Hang(0.1))
+    chain = compose(
+        [TimeoutPolicy(1.0, clock=clock),
+         RetryPolicy(attempts=3, on=["timeout"], clock=clock, rng=lambda: 0.0),
+         TimeoutPolicy(10.0, clock=clock)],
+        upstream,
+    )
+    ctx = make_ctx()
+    with pytest.raises(TimedOut):
+        await chain(ctx)
+    assert ctx.attempts == 1
+
+
+async def test_total_timeout_stops_backoff_that_would_pass_the_deadline():
+    clock = FakeClock()
+    upstream = ScriptedUpstream(clock, 503)
+    retry = RetryPolicy(attempts=5, clock=clock, rng=lambda: 1.0)
+    retry.backoff.base = retry.backoff.max = 0.4
+    chain = compose([TimeoutPolicy(1.0, clock=clock), retry], upstream)
+    outcome = await chain(make_ctx())
+    # sleeps of 0.4 at t=0 and 0.4 at t=0.4; a third would end at 1.2 > 1.0
+    assert outcome.status == 503
+    assert upstream.calls == 3
+    assert clock.sleeps == [0.4, 0.4]
+
+
+async def test_works_on_the_real_clock():
+    async def hang(ctx):
+        await asyncio.sleep(5)
+
+    with pytest.raises(TimedOut):
+        await TimeoutPolicy(0.01, clock=SYSTEM_CLOCK)(hang, make_ctx())
+
+
+def test_rejects_non_positive_budget():
+    with pytest.raises(ValueError):
+        TimeoutPolicy(0)
