@@ -131,10 +131,5 @@ def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
             if isinstance(item, str) and item not in config.policies:
                 yield ConfigIssue(f"routes[{i}].chain[{j}]", f"unknown policy {item!r}")
     for name, template in config.sagas.items():
-        for k, step in enumerate(template.steps):
-            for part in ("action", "compensation"):
-                call = step.get(part) if isinstance(step, dict) else None
-                if isinstance(call, dict):
-                    target = call.get("route")
-                    if isinstance(target, str) and target not in seen:
-                        yield ConfigIssue(f"sagas.{name}.steps[{k}].{part}.route", f"unknown route {target!r}")
+        for loc, msg in template.issues(route_exists=seen.__contains__):
+            yield ConfigIssue(f"sagas.{name}.{loc}", msg)

@@ -1,0 +1,63 @@
+"""Where sagas are journaled. One small interface; the backend is chosen by URL.
+
+Every mutating call names the saga it writes (`create`, `save`, `delete` all take
+the `Saga` or its id), so a shared backend can later refuse a write from a
+replica that no longer holds the saga's lease (fencing) by raising `StoreRefused`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from saga.model import Saga
+
+__all__ = ["SagaStore", "Page", "StoreRefused", "open_store"]
+
+
+class StoreRefused(Exception):
+    """The store would not take a write (e.g. this replica lost the saga's lease)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[Saga]
+    next_cursor: str | None
+
+
+class SagaStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, saga: Saga) -> Saga | None:
+        """Insert a new saga with all its steps; if the id exists, return the stored one instead."""
+
+    async def save(self, saga: Saga, steps: Iterable[int] = ()) -> None:
+        """Durably write the saga's status and header, and the state of the steps listed.
+
+        Returns only once the write is committed: the coordinator calls it before
+        each call (intent) and after it (outcome).
+        """
+
+    async def get(self, saga_id: str) -> Saga | None: ...
+
+    async def page(self, status: tuple[str, ...] | None, limit: int, cursor: str | None) -> Page:
+        """Oldest first; `cursor` is what a previous page returned. ValueError on a bad cursor."""
+
+    async def unfinished(self) -> list[Saga]:
+        """Every saga not in a terminal status, oldest first (for recovery)."""
+
+    async def delete(self, saga_id: str) -> Literal["deleted", "not_found", "not_terminal"]: ...
+
+
+def open_store(url: str) -> SagaStore:
+    """`sqlite:///path/to/sagas.db` (`?synchronous=normal` to trade power-loss durability for speed)."""
+    if url.startswith("sqlite:"):
+        from saga.sqlite_store import SqliteSagaStore
+
+        return SqliteSagaStore.from_url(url)
+    if url.startswith(("postgresql:", "postgres:")):
+        raise ValueError("the PostgreSQL saga store is not available in this build yet; use sqlite:///")
+    raise ValueError(f"unsupported saga store URL {url!r}: use sqlite:///path or postgresql://")
