@@ -1,7 +1,8 @@
 """BulkheadPolicy: at most `max_concurrent` calls in flight, `max_queue` more waiting.
 
-A waiter gives up after `queue_timeout` (0 means: as long as `ctx.deadline`
-allows, or until a slot frees) and the request fails with `BulkheadFull`. A slot
+A waiter gives up after `queue_timeout` and the request fails with
+`BulkheadFull`; 0 means no limit of its own (an enclosing timeout still ends
+the wait, as a 504). A slot
 freed by a finishing call is handed straight to the oldest waiter, so waiters
 are served in order and a newcomer cannot overtake them.
 """
@@ -66,22 +67,15 @@ class BulkheadPolicy:
         if len(self._waiters) >= self.max_queue:
             ctx.emit(self._rejected)
             raise BulkheadFull(self._message)
-        limit = self.queue_timeout
-        if ctx.deadline is not None:
-            left = ctx.deadline - self.clock.now()
-            if limit <= 0 or left < limit:
-                limit = max(left, 0.0)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         ctx.emit(self._queued)
         try:
-            if limit > 0:
-                async with self.clock.timeout(limit):
+            if self.queue_timeout > 0:
+                async with self.clock.timeout(self.queue_timeout):
                     await waiter
-            elif self.queue_timeout <= 0 and ctx.deadline is None:
-                await waiter
             else:
-                raise TimeoutError
+                await waiter  # bounded by an enclosing timeout, if any
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # the slot arrived as we gave up: pass it on
