@@ -6,7 +6,6 @@ from policies.rate_limit import RateLimitPolicy, ratelimit_headers
 from policies.testing import EventLog, FakeClock, ScriptedUpstream, make_ctx
 from policies.token_bucket import Decision, LocalBucketStore, TokenBucket
 
-
 # -- the bucket ----------------------------------------------------------------
 
 
