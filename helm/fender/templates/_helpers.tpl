@@ -59,16 +59,31 @@ prometheus.io/path: /metrics
 {{- end -}}
 
 {{/*
-The Fender config as a YAML document. With demo.enabled, the demo route (to the demo
+The Fender config as a YAML document. `config` may be a map (mergeable across values
+files) or a string (written verbatim). With demo.enabled, the demo route (to the demo
 upstream Service) is appended, since its upstream URL depends on the release name.
 */}}
 {{- define "fender.configFile" -}}
 {{- $v := .values | default .ctx.Values -}}
+{{- if kindIs "string" $v.config -}}
+{{- if $v.demo.enabled -}}
+{{- fail "demo.enabled needs `config` as a map (the chart appends the demo route to it), not a string" -}}
+{{- end -}}
+{{- $v.config -}}
+{{- else -}}
 {{- $config := deepCopy $v.config -}}
 {{- if $v.demo.enabled -}}
 {{- $upstream := printf "http://%s-demo-upstream:8080" (include "fender.fullname" .) -}}
-{{- $route := dict "name" "demo" "match" (dict "host" "demo-upstream") "upstream" $upstream "chain" (list (dict "timeout" "3s") (dict "retry" (dict "attempts" 3 "on" (list "connect-failure" "reset" "gateway-error" "5xx") "backoff" (dict "base" "25ms" "max" "250ms"))) (dict "circuit_breaker" (dict "consecutive_failures" 5 "open_for" "10s")) (dict "timeout" "1s")) -}}
-{{- $_ := set $config "routes" (append ($config.routes | default list) $route) -}}
+{{- $retry := dict "attempts" 3 "on" (list "connect-failure" "reset" "gateway-error" "5xx") "backoff" (dict "base" "25ms" "max" "250ms") -}}
+{{- $chain := list (dict "timeout" "3s") (dict "retry" $retry) (dict "circuit_breaker" (dict "consecutive_failures" 5 "open_for" "10s")) (dict "timeout" "1s") -}}
+{{- $route := dict "name" "demo" "match" (dict "host" "demo-upstream") "upstream" $upstream "chain" $chain -}}
+{{- $_ := set $config "routes" (append ($config.routes | default (list)) $route) -}}
 {{- end -}}
-{{- toYaml $config -}}
+{{- $text := toYaml $config -}}
+{{- /* YAML 1.1 reads an unquoted key `on` (retry.on, fallback.on) as the boolean true. */ -}}
+{{- if regexMatch "(?m)^[ -]*\"?true\"?:" $text -}}
+{{- fail "config: a key `on:` was read by Helm's YAML parser as the boolean true; quote it in your values (\"on\": [5xx]) or pass `config` as a string" -}}
+{{- end -}}
+{{- $text -}}
+{{- end -}}
 {{- end -}}
