@@ -1,0 +1,84 @@
+from config.checks import warnings
+from config.loader import load_text
+
+
+def warn(chain: str, *, policies: str = "", defaults: str = "", **kw):
+    text = f"""
+{defaults}
+policies: {{{policies}}}
+routes:
+  - name: a
+    upstream: http://x
+    chain: {chain}
+"""
+    return [(i.loc, i.msg) for i in warnings(load_text(text).config, **kw)]
+
+
+def test_recommended_order_is_quiet():
+    assert warn("[{rate_limit: {rate: 10/s}}, {timeout: 5s}, {retry: {}}, {circuit_breaker: {}}, {timeout: 1s}]") == []
+
+
+def test_retry_outside_rate_limit():
+    found = warn("[{retry: {}}, {rate_limit: {rate: 10/s}}]")
+    assert [loc for loc, _ in found] == ["routes[0].chain[1]"]
+    assert "inside retry" in found[0][1]
+
+
+def test_breaker_outside_retry_names_the_shared_policy():
+    found = warn("[b, {retry: {}}]", policies="b: {circuit_breaker: {}}")
+    assert [loc for loc, _ in found] == ["routes[0].chain[0]"]
+    assert found[0][1].startswith("b sits outside retry")
+
+
+def test_per_attempt_timeout_not_shorter_than_total():
+    found = warn("[{timeout: 1s}, {retry: {}}, {timeout: 2s}]")
+    assert found == [("routes[0].chain[2]", found[0][1])]
+    assert "per-attempt timeout 2s" in found[0][1] and "total timeout 1s" in found[0][1]
+    assert warn("[{timeout: 3s}, {retry: {}}, {timeout: 1s}]") == []
+
+
+def test_retry_on_timeout_without_a_per_attempt_timeout():
+    found = warn("[{timeout: 3s}, {retry: {on: [timeout]}}]")
+    assert len(found) == 1 and "never fires" in found[0][1]
+
+
+def test_retrying_non_idempotent_methods():
+    found = warn("[{retry: {methods: [GET, POST]}}]")
+    assert len(found) == 1 and "POST" in found[0][1]
+
+
+def test_fallback_inside_retry_or_breaker():
+    found = warn("[{retry: {}}, {circuit_breaker: {}}, {fallback: {}}]")
+    assert len(found) == 2
+    assert all(loc == "routes[0].chain[2]" for loc, _ in found)
+
+
+def test_nested_retries():
+    found = warn("[{retry: {}}, {retry: {}}]")
+    assert len(found) == 1 and "multiply" in found[0][1]
+
+
+def test_unbounded_bulkhead_queue():
+    assert len(warn("[{bulkhead: {max_queue: 5}}]")) == 1
+    assert warn("[{timeout: 1s}, {bulkhead: {max_queue: 5}}]") == []
+    assert warn("[{bulkhead: {max_queue: 5, queue_timeout: 1s}}]") == []
+
+
+def test_redis_backend_without_redis():
+    chain = "[{rate_limit: {rate: 10/s, backend: redis}}]"
+    assert warn(chain) == []  # unknown whether Redis is configured: say nothing
+    found = warn(chain, redis_configured=False)
+    assert len(found) == 1 and "FENDER_REDIS_URL" in found[0][1] and "allows every request" in found[0][1]
+    assert warn(chain, redis_configured=True) == []
+
+
+def test_default_chain_is_reported_once_at_its_own_location():
+    text = """
+defaults:
+  chain: [{retry: {}}, {rate_limit: {rate: 1/s}}]
+routes:
+  - {name: a, upstream: http://x}
+  - {name: b, upstream: http://y}
+"""
+    found = warnings(load_text(text).config)
+    assert [i.loc for i in found] == ["defaults.chain[1]"]

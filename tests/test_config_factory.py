@@ -1,0 +1,178 @@
+import pytest
+
+from config.factory import PolicyFactory
+from config.loader import load_text
+from policies.breaker_state import CountWindow, TimeWindow
+from policies.bulkhead import BulkheadPolicy
+from policies.circuit_breaker import CircuitBreakerPolicy
+from policies.errors import CircuitOpen
+from policies.fallback import FallbackPolicy
+from policies.rate_limit import RateLimitPolicy
+from policies.retry import RetryPolicy
+from policies.testing import FakeClock, ScriptedUpstream, make_ctx
+from policies.timeout import TimeoutPolicy
+from policies.token_bucket import LocalBucketStore
+
+CONFIG = """
+version: 1
+defaults:
+  chain:
+    - timeout: 10s
+    - retry: {attempts: 2}
+policies:
+  shared-breaker:
+    circuit_breaker: {consecutive_failures: 2, open_for: 30s}
+routes:
+  - name: payments
+    upstream: http://127.0.0.1:1
+    match: {host: payments}
+    chain:
+      - fallback: {on: [circuit_open], status: 503, body: {error: later}}
+      - rate_limit: {rate: 100/s}
+      - timeout: 5s
+      - retry: {attempts: 3, max_body: 1MiB}
+      - shared-breaker
+      - timeout: 1s
+      - bulkhead: {max_concurrent: 10, max_queue: 5, queue_timeout: 1s}
+  - name: orders
+    upstream: http://127.0.0.1:2
+    match: {host: orders}
+    chain: [shared-breaker]
+  - name: plain
+    upstream: http://127.0.0.1:3
+    match: {host: plain}
+  - name: none
+    upstream: http://127.0.0.1:4
+    match: {host: none}
+    chain: []
+"""
+
+
+def build(text=CONFIG, factory=None):
+    factory = factory or PolicyFactory(clock=FakeClock())
+    return factory, factory.build(load_text(text).config)
+
+
+def test_chain_order_labels_and_types():
+    _, chains = build()
+    pay = chains["payments"]
+    assert [label for label, _ in pay.policies] == [
+        "fallback", "rate_limit", "timeout", "retry", "shared-breaker", "timeout-2", "bulkhead"]
+    assert [type(p) for _, p in pay.policies] == [
+        FallbackPolicy, RateLimitPolicy, TimeoutPolicy, RetryPolicy, CircuitBreakerPolicy,
+        TimeoutPolicy, BulkheadPolicy]
+    assert [p.duration for _, p in pay.policies if isinstance(p, TimeoutPolicy)] == [5.0, 1.0]
+    assert chains["none"].policies == ()
+
+
+def test_named_policies_are_shared_and_inline_ones_are_per_route():
+    _, chains = build()
+    assert dict(chains["payments"].policies)["shared-breaker"] is dict(chains["orders"].policies)["shared-breaker"]
+    # the default chain is inline: each route that inherits it gets its own instances
+    f1 = build()[1]["plain"].policies
+    assert [label for label, _ in f1] == ["timeout", "retry"]
+
+
+def test_buffer_limit_is_the_largest_retry_max_body():
+    _, chains = build()
+    assert chains["payments"].buffer_limit == 1024 * 1024
+    assert chains["plain"].buffer_limit == 64 * 1024
+    assert chains["orders"].buffer_limit == 0
+
+
+def test_defaults_are_applied():
+    _, chains = build()
+    pay = dict(chains["payments"].policies)
+    limit = pay["rate_limit"]
+    assert (limit.rate, limit.burst, limit.key, limit.wait, limit.shadow) == (100.0, 100.0, "route", 0.0, False)
+    retry = pay["retry"]
+    assert retry.attempts == 3 and retry.retry_after_max == 10.0
+    assert (retry.backoff.base, retry.backoff.max) == (0.025, 0.25)
+    assert (retry.budget.ratio, retry.budget.min_per_second) == (0.2, 10.0)
+    breaker = pay["shared-breaker"].machine
+    assert (breaker.consecutive_failures, breaker.open_for, breaker.max_open_for, breaker.half_open_calls) == (
+        2, 30.0, 300.0, 1)
+    bulkhead = pay["bulkhead"]
+    assert (bulkhead.max_concurrent, bulkhead.max_queue, bulkhead.queue_timeout) == (10, 5, 1.0)
+    assert pay["fallback"].body == b'{"error":"later"}'
+
+
+def test_failure_rate_windows():
+    text = """
+routes:
+  - name: a
+    upstream: http://x
+    chain:
+      - circuit_breaker: {failure_rate: 0.3, window: 10s, min_calls: 5}
+      - circuit_breaker: {failure_rate: 0.3, window_calls: 50}
+      - circuit_breaker: {slow_call_duration: 2s}
+"""
+    _, chains = build(text)
+    machines = [p.machine for _, p in chains["a"].policies]
+    assert isinstance(machines[0].window, TimeWindow) and machines[0].window.seconds == 10
+    assert isinstance(machines[1].window, CountWindow) and machines[1].window.size == 50
+    assert isinstance(machines[2].window, CountWindow) and machines[2].window.size == 100
+    assert machines[2].failure_rate == 0.5 and machines[2].slow_call_duration == 2.0
+    assert [label for label, _ in chains["a"].policies] == [
+        "circuit_breaker", "circuit_breaker-2", "circuit_breaker-3"]
+
+
+async def test_reload_keeps_the_state_of_unchanged_policies_and_renews_changed_ones():
+    clock = FakeClock()
+    factory = PolicyFactory(clock=clock)
+    _, first = build(factory=factory)
+    breaker = dict(first["orders"].policies)["shared-breaker"]
+    for _ in range(2):
+        await breaker(ScriptedUpstream(clock, 503), make_ctx())
+    assert breaker.describe()["state"] == "open"
+    limit = dict(first["payments"].policies)["rate_limit"]
+
+    # an unrelated change: the breaker and the bucket carry over, still open
+    _, second = build(CONFIG.replace("max_concurrent: 10", "max_concurrent: 20"), factory)
+    assert dict(second["orders"].policies)["shared-breaker"] is breaker
+    assert dict(second["payments"].policies)["rate_limit"] is limit
+    with pytest.raises(CircuitOpen):
+        await second["orders"].policies[0][1](ScriptedUpstream(clock, 200), make_ctx())
+    assert dict(second["payments"].policies)["bulkhead"].max_concurrent == 20
+
+    # the breaker's own parameters change: a fresh, closed breaker
+    _, third = build(CONFIG.replace("open_for: 30s", "open_for: 10s"), factory)
+    fresh = dict(third["orders"].policies)["shared-breaker"]
+    assert fresh is not breaker and fresh.describe()["state"] == "closed"
+
+
+def test_describe_shows_live_state_for_the_admin_api():
+    factory, chains = build()
+    described = chains["payments"].describe()
+    assert [d["label"] for d in described][:2] == ["fallback", "rate_limit"]
+    assert described[1]["tokens"] == 100.0
+    assert described[4]["state"] == "closed" and described[4]["name"] == "shared-breaker"
+    assert described[6]["in_flight"] == 0 and described[6]["queued"] == 0
+    assert factory.breaker("shared-breaker") is dict(chains["orders"].policies)["shared-breaker"]
+    assert set(factory.breakers()) == {"shared-breaker"}
+
+
+def test_inline_breakers_are_found_by_route_and_label():
+    text = """
+routes:
+  - name: a
+    upstream: http://x
+    chain: [{circuit_breaker: {}}]
+"""
+    factory, chains = build(text)
+    assert factory.breaker("a.circuit_breaker") is chains["a"].policies[0][1]
+    assert factory.breaker("nope") is None
+
+
+def test_redis_backend_uses_the_shared_store_when_given():
+    text = """
+routes:
+  - name: a
+    upstream: http://x
+    chain: [{rate_limit: {rate: 5/s, backend: redis}}]
+"""
+    store = LocalBucketStore()
+    _, chains = build(text, PolicyFactory(clock=FakeClock(), redis_store=store))
+    assert chains["a"].policies[0][1].describe()["backend"] == "remote"
+    _, chains = build(text, PolicyFactory(clock=FakeClock()))
+    assert chains["a"].policies[0][1].describe()["backend"] == "local"
