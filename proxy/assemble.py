@@ -24,5 +24,9 @@ def assemble(app: FenderApp) -> FenderApp:
             if exc.name and module_name.startswith(exc.name):
                 continue
             raise
-        getattr(module, func)(app)
+        install = getattr(module, func, None)
+        if install is None:
+            log.warning("%s has no %s(); skipped", module_name, func)
+            continue
+        install(app)
     return app
