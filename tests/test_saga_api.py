@@ -1,0 +1,230 @@
+"""`/v1/sagas` over HTTP: validation, idempotent create, wait, paging, cancel, retry, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from config.saga_models import SagaTemplateModel
+from saga.invoker import RouteResponse
+from saga.openapi import openapi_fragment
+from tests.test_saga_coordinator import Env, reply, saga_body
+
+
+@pytest.fixture
+async def api(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[tuple[TestClient, Env]]:
+    env = Env(tmp_path)
+    env.templates["place-order"] = SagaTemplateModel.model_validate(
+        {"steps": saga_body()["steps"], "deadline": "1m"}
+    )
+    await env.service.start()
+    app = web.Application()
+    app.add_routes(env.service.routes())
+    client = await aiohttp_client(app)
+    yield client, env
+    await env.service.stop()
+
+
+async def test_create_answers_202_with_location_and_the_record(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    hold = asyncio.Event()
+
+    async def held() -> RouteResponse:
+        await hold.wait()
+        return reply(200)
+
+    env.participant.on("reserve:action", held)
+    resp = await client.post("/v1/sagas", json=saga_body("order-42"))
+    assert resp.status == 202
+    assert resp.headers["Location"] == "/v1/sagas/order-42"
+    record = await resp.json()
+    assert record["id"] == "order-42" and record["status"] in ("pending", "running")
+    assert record["total_steps"] == 3
+    hold.set()
+    resp = await client.get("/v1/sagas/order-42?wait=5")
+    assert (await resp.json())["status"] == "completed"
+
+
+async def test_wait_answers_200_when_the_saga_finishes_in_time(api: tuple[TestClient, Env]) -> None:
+    client, _ = api
+    resp = await client.post("/v1/sagas?wait=5", json=saga_body())
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "completed"
+
+
+async def test_create_without_id_generates_one(api: tuple[TestClient, Env]) -> None:
+    client, _ = api
+    body = saga_body()
+    del body["id"]
+    resp = await client.post("/v1/sagas?wait=5", json=body)
+    record = await resp.json()
+    assert len(record["id"]) == 32
+    assert resp.headers["Location"] == f"/v1/sagas/{record['id']}"
+
+
+async def test_create_from_a_template(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    resp = await client.post("/v1/sagas?wait=5", json={"id": "t", "template": "place-order", "input": {"a": 1}})
+    record = await resp.json()
+    assert record["status"] == "completed", record
+    assert record["template"] == "place-order" and record["input"] == {"a": 1}
+    assert record["deadline_at"] is not None
+    assert env.participant.keys()[0] == "t:reserve:action"
+
+
+async def test_idempotent_create(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    first = await client.post("/v1/sagas?wait=5", json=saga_body("same"))
+    assert first.status == 200
+    again = await client.post("/v1/sagas", json=saga_body("same"))
+    assert again.status == 200
+    assert (await again.json())["status"] == "completed"
+    assert len(env.participant.calls) == 3  # nothing ran twice
+    other = saga_body("same", input={"sku": "B2"})
+    conflict = await client.post("/v1/sagas", json=other)
+    assert conflict.status == 409
+    assert (await conflict.json())["error"] == "saga_exists"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "loc", "fragment"),
+    [
+        (lambda b: b["steps"][1]["action"].update(route="x"), "steps[1].action.route", "unknown route 'x'"),
+        (lambda b: b["steps"][2].update(name="reserve"), "steps[2].name", "duplicate step name 'reserve'"),
+        (lambda b: b["steps"][0]["action"].update(path="/a/{{input.sku"), "steps[0].action.path", "malformed"),
+        (lambda b: b["steps"][0]["action"].update(body={"k": "{{secret.x}}"}), "steps[0].action.body", "unknown placeholder"),
+        (lambda b: b["steps"][0].update(timeout="5 parsecs"), "steps[0].timeout", "invalid duration"),
+        (lambda b: b.update(deadline="soon"), "deadline", "invalid duration"),
+        (lambda b: b["steps"][0]["action"].update(body={"k": "{{steps.ship.response.body.id}}"}),
+         "steps[0].action.body.k", "later step 'ship'"),
+        (lambda b: b["steps"][0].update(colour="red"), "steps[0].colour", "unknown key"),
+        (lambda b: b.update(on_recovery="pray"), "on_recovery", "compensate"),
+        (lambda b: b.update(template="nope"), "template", "unknown saga template 'nope'"),
+        (lambda b: b.pop("steps"), "", "give either 'template'"),
+        (lambda b: b.update(id="bad id/"), "id", "pattern"),
+    ],
+)
+async def test_invalid_definitions_are_rejected_with_located_errors(
+    api: tuple[TestClient, Env], mutate: Any, loc: str, fragment: str
+) -> None:
+    client, env = api
+    body = saga_body()
+    mutate(body)
+    resp = await client.post("/v1/sagas", json=body)
+    assert resp.status == 400
+    data = await resp.json()
+    assert data["error"] == "invalid_saga"
+    assert any(e["loc"] == loc and fragment in e["msg"] for e in data["errors"]), data["errors"]
+    assert env.participant.calls == []  # nothing ran
+    assert (await client.get("/v1/sagas")).status == 200
+    assert (await (await client.get("/v1/sagas")).json())["items"] == []
+
+
+async def test_a_body_that_is_not_json_is_rejected(api: tuple[TestClient, Env]) -> None:
+    client, _ = api
+    resp = await client.post("/v1/sagas", data=b"{nope", headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_saga"
+
+
+async def test_listing_pages_with_a_cursor_and_filters_by_status(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    env.participant.on("ship:action", 500, 200)  # only the first saga fails
+    for i in range(5):
+        resp = await client.post("/v1/sagas?wait=5", json=saga_body(f"s{i}"))
+        assert resp.status == 200
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        url = "/v1/sagas?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await client.get(url)).json()
+        seen += [item["id"] for item in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"s{i}" for i in range(5)]
+    assert pages == 3
+    compensated = await (await client.get("/v1/sagas?status=compensated")).json()
+    assert [i["id"] for i in compensated["items"]] == ["s0"]
+    both = await (await client.get("/v1/sagas?status=compensated,completed&limit=10")).json()
+    assert len(both["items"]) == 5 and both["next_cursor"] is None
+    assert (await client.get("/v1/sagas?status=weird")).status == 400
+    assert (await client.get("/v1/sagas?limit=0")).status == 400
+    assert (await client.get("/v1/sagas?cursor=@@@")).status == 400
+
+
+async def test_get_and_delete(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    assert (await client.get("/v1/sagas/missing")).status == 404
+    assert (await client.delete("/v1/sagas/missing")).status == 404
+    hold = asyncio.Event()
+
+    async def held() -> RouteResponse:
+        await hold.wait()
+        return reply(200)
+
+    env.participant.on("reserve:action", held)
+    await client.post("/v1/sagas", json=saga_body("busy"))
+    resp = await client.delete("/v1/sagas/busy")
+    assert resp.status == 409
+    hold.set()
+    assert (await (await client.get("/v1/sagas/busy?wait=5")).json())["status"] == "completed"
+    assert (await client.delete("/v1/sagas/busy")).status == 204
+    assert (await client.get("/v1/sagas/busy")).status == 404
+
+
+async def test_cancel_over_http(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    hold = asyncio.Event()
+
+    async def held() -> RouteResponse:
+        await hold.wait()
+        return reply(200)
+
+    env.participant.on("charge:action", held)
+    await client.post("/v1/sagas", json=saga_body("c"))
+    for _ in range(200):
+        if "c:charge:action" in env.participant.keys():
+            break
+        await asyncio.sleep(0.005)
+    resp = await client.post("/v1/sagas/c/cancel?wait=5")
+    assert resp.status == 200
+    record = await resp.json()
+    assert record["status"] == "compensated"
+    assert record["error"]["kind"] == "cancelled"
+    again = await client.post("/v1/sagas/c/cancel")
+    assert again.status == 409
+    assert (await client.post("/v1/sagas/none/cancel")).status == 404
+
+
+async def test_retry_over_http(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+    env.participant.on("ship:action", 500)
+    env.participant.on("reserve:compensation", 503)
+    record = await (await client.post("/v1/sagas?wait=5", json=saga_body("r"))).json()
+    assert record["status"] == "failed"
+    env.participant.on("reserve:compensation", 204)
+    resp = await client.post("/v1/sagas/r/retry?wait=5")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "compensated"
+    assert (await client.post("/v1/sagas/r/retry")).status == 409
+    assert (await client.post("/v1/sagas/none/retry")).status == 404
+
+
+def test_openapi_fragment_names_every_operation() -> None:
+    doc = openapi_fragment()
+    paths = doc["paths"]
+    assert set(paths) == {"/v1/sagas", "/v1/sagas/{id}", "/v1/sagas/{id}/cancel", "/v1/sagas/{id}/retry"}
+    assert set(paths["/v1/sagas"]) == {"get", "post"}
+    assert set(paths["/v1/sagas/{id}"]) == {"get", "delete"}
+    schemas = doc["components"]["schemas"]
+    assert {"SagaRequest", "SagaRecord", "SagaPage", "SagaError"} <= set(schemas)
+    assert "steps" in schemas["SagaRecord"]["properties"]
