@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from policies.base import Call, Outcome, RequestContext
-from policies.breaker_state import BreakerState, BreakerStateMachine
+from policies.breaker_state import BreakerState, BreakerStateMachine, TimeWindow
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import CircuitOpen, TimedOut, UpstreamReset, UpstreamUnavailable
 from policies.events import BreakerRejected, BreakerTransitioned
@@ -37,7 +37,7 @@ def expand_statuses(items: Iterable[str | int]) -> frozenset[int]:
 
 
 class CircuitBreakerPolicy:
-    __slots__ = ("name", "machine", "failure_statuses", "clock", "_rejected")
+    __slots__ = ("name", "machine", "failure_statuses", "clock", "_rejected", "_timed")
 
     kind = "circuit_breaker"
 
@@ -54,6 +54,8 @@ class CircuitBreakerPolicy:
         self.failure_statuses = expand_statuses(failure_statuses)
         self.clock = clock
         self._rejected = BreakerRejected(name)
+        # only a time window or a slow-call threshold needs the time after a successful call
+        self._timed = machine.slow_call_duration is not None or isinstance(machine.window, TimeWindow)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         machine = self.machine
@@ -80,10 +82,11 @@ class CircuitBreakerPolicy:
         except BaseException:
             machine.release(generation)
             raise
-        now = self.clock.now()
         if outcome.status in self.failure_statuses:
+            now = self.clock.now()
             machine.on_error(now - start, now, generation)
         else:
+            now = self.clock.now() if self._timed else start
             machine.on_success(now - start, now, generation)
         if machine.generation != generation:
             self._emit_transition(ctx)

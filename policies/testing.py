@@ -9,6 +9,7 @@ and `TimeoutError` is raised from the context manager.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
 
@@ -62,6 +63,18 @@ class FakeTimeout:
             self._task.cancel()
 
 
+class FakeHandle:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
     """A `policies.clock.Clock` whose time only moves by `advance` or `sleep`."""
 
@@ -69,6 +82,7 @@ class FakeClock:
         self._now = start
         self._wall_offset = wall - start
         self._timers: list[FakeTimeout] = []
+        self._scheduled: list[FakeHandle] = []
         self.sleeps: list[float] = []  # every sleep asked for, in order
 
     def now(self) -> float:
@@ -77,24 +91,53 @@ class FakeClock:
     def wall(self) -> float:
         return self._now + self._wall_offset
 
+    def call_at(self, when: float, callback: Callable[[], None]) -> FakeHandle:
+        """A timer in fake time (what `policies.deadlines` uses on this clock)."""
+        handle = FakeHandle(when, callback)
+        self._scheduled.append(handle)
+        return handle
+
+    def _next_due(self) -> float | None:
+        whens = [t.deadline for t in self._timers] + [h.when for h in self._scheduled if not h.cancelled]
+        return min(whens) if whens else None
+
     def advance(self, seconds: float) -> None:
-        """Move time forward and cancel the bodies of timeouts that expired."""
-        self._now += seconds
+        """Move time forward, firing every timer that falls due, in deadline order."""
+        until = self._now + seconds
+        while True:
+            due = self._next_due()
+            if due is None or due > until:
+                break
+            self._now = max(self._now, due)
+            self._fire_due()
+        self._now = until
+
+    def _fire_due(self) -> None:
         for timer in list(self._timers):
             if timer.deadline <= self._now:
                 self._timers.remove(timer)
                 timer._fire()
+        for handle in list(self._scheduled):
+            if handle.cancelled:
+                self._scheduled.remove(handle)
+            elif handle.when <= self._now:
+                self._scheduled.remove(handle)
+                handle.callback()
 
     async def sleep(self, seconds: float) -> None:
+        """Advance by `seconds` at once; a sleeper cancelled on the way wakes at that moment."""
         self.sleeps.append(seconds)
-        if seconds > 0:
-            # a sleeper whose own timeout fires first wakes at that deadline, as it would for real
-            task = asyncio.current_task()
-            until = self._now + seconds
-            for timer in self._timers:
-                if timer._task is task and timer.deadline < until:
-                    until = timer.deadline
-            self.advance(until - self._now)
+        task = asyncio.current_task()
+        until = self._now + seconds
+        while seconds > 0:
+            due = self._next_due()
+            if due is None or due > until:
+                self._now = until
+                break
+            self._now = max(self._now, due)
+            self._fire_due()
+            if task is not None and task.cancelling():
+                break
         await asyncio.sleep(0)
 
     def timeout(self, seconds: float) -> FakeTimeout:

@@ -8,10 +8,12 @@ restores the outer deadline afterwards.
 
 from __future__ import annotations
 
+from asyncio import CancelledError, current_task
 from typing import Any
 
 from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
+from policies.deadlines import DeadlineQueue
 from policies.errors import TimedOut
 from policies.events import TimeoutFired
 
@@ -19,7 +21,7 @@ __all__ = ["TimeoutPolicy"]
 
 
 class TimeoutPolicy:
-    __slots__ = ("duration", "name", "clock", "_event", "_message")
+    __slots__ = ("duration", "name", "clock", "_event", "_message", "_deadlines")
 
     kind = "timeout"
 
@@ -31,19 +33,27 @@ class TimeoutPolicy:
         self.clock = clock
         self._event = TimeoutFired(budget=duration)  # immutable, so built once
         self._message = f"no response within {_seconds(duration)}"
+        # not asyncio.timeout: one timer for all calls instead of one per call (see deadlines)
+        self._deadlines = DeadlineQueue(duration, clock)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         outer = ctx.deadline
-        deadline = self.clock.now() + self.duration
+        now = self.clock.now()
+        deadline = now + self.duration
         if outer is None or deadline < outer:
             ctx.deadline = deadline
+        task = current_task()
+        assert task is not None
+        entry = self._deadlines.enter(task, now)
         try:
-            async with self.clock.timeout(self.duration):
-                return await call(ctx)
-        except TimeoutError:
-            ctx.emit(self._event)
-            raise TimedOut(self._message) from None
+            return await call(ctx)
+        except CancelledError:
+            if entry.expired and task.uncancel() <= entry.cancelling:
+                ctx.emit(self._event)
+                raise TimedOut(self._message) from None
+            raise
         finally:
+            self._deadlines.leave(entry)
             ctx.deadline = outer
 
     def describe(self) -> dict[str, Any]:

@@ -117,3 +117,59 @@ async def test_works_on_the_real_clock():
 def test_rejects_non_positive_budget():
     with pytest.raises(ValueError):
         TimeoutPolicy(0)
+
+
+async def test_one_timer_serves_many_calls_and_only_slow_ones_time_out():
+    clock = FakeClock()
+    policy = TimeoutPolicy(1.0, clock=clock)
+    results = {}
+
+    async def run(i):
+        try:
+            await policy(ScriptedUpstream(clock, Hang(0.5 if i % 3 else 2.0)), make_ctx())
+            results[i] = "ok"
+        except TimedOut:
+            results[i] = "timeout"
+
+    # concurrent calls that entered at different times
+    tasks = []
+    for i in range(9):
+        tasks.append(asyncio.create_task(run(i)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert results == {i: ("ok" if i % 3 else "timeout") for i in range(9)}
+    assert len(policy._deadlines) == 0
+
+
+async def test_a_cancellation_from_outside_is_not_a_timeout():
+    policy = TimeoutPolicy(10.0, clock=SYSTEM_CLOCK)
+
+    async def hang(ctx):
+        await asyncio.sleep(5)
+
+    task = asyncio.create_task(policy(hang, make_ctx()))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_real_clock_fires_after_a_quiet_period_and_after_fast_calls():
+    from policies.base import Outcome
+
+    policy = TimeoutPolicy(0.05, clock=SYSTEM_CLOCK)
+
+    async def fast(ctx):
+        return Outcome(200, {})
+
+    async def hang(ctx):
+        await asyncio.sleep(5)
+
+    for _ in range(100):
+        await policy(fast, make_ctx())
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # the timer armed by the fast calls must still catch a later slow one
+        start = loop.time()
+        with pytest.raises(TimedOut):
+            await policy(hang, make_ctx())
+        assert 0.04 <= loop.time() - start < 1.0
