@@ -34,7 +34,7 @@ _CONNECT_MESSAGE = (
     "route's https:// upstream originate TLS"
 )
 _NO_BODY_STATUSES = frozenset((204, 304))
-_CHUNK = 64 * 1024
+_SMALL_BODY = 64 * 1024
 
 
 class InflightTracker:
@@ -186,6 +186,20 @@ class ProxyHandler:
         headers = strip_hop_by_hop(upstream.headers)
         headers["x-fender-route"] = route.name
         headers["x-fender-attempts"] = str(ctx.attempts)
+        length = upstream.content_length
+        if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
+            # small bodies (the common case) go out in one write with their head
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                upstream.close()
+                return error_response(
+                    "upstream_reset", "the upstream broke off the response body", route.name,
+                    attempts=ctx.attempts,
+                ), "upstream_reset"
+            upstream.release()
+            del headers["content-length"]
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers), outcome_kind
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
             await response.prepare(request)

@@ -226,15 +226,19 @@ async def test_request_body_is_forwarded(aiohttp_server, start_fender, http):
     assert recorder.requests[1]["body"] == b"y" * 100_000
 
 
-async def test_upstream_reset_mid_body_breaks_the_client_response(start_fender, http):
+def half_body_upstream(declared: int, sent: int):
     async def half(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % declared + b"a" * sent)
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.transport.abort()
 
-    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    return half
+
+
+async def test_small_body_cut_short_is_502_upstream_reset(start_fender, http):
+    server = await asyncio.start_server(half_body_upstream(1000, 100), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     fender = await start_fender(f"""
         routes:
@@ -242,7 +246,21 @@ async def test_upstream_reset_mid_body_breaks_the_client_response(start_fender, 
             upstream: http://127.0.0.1:{port}
     """)
     async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
-        assert resp.status == 200
+        assert resp.status == 502
+        assert resp.headers["x-fender-error"] == "upstream_reset"
+    server.close()
+
+
+async def test_large_body_cut_short_breaks_the_client_response(start_fender, http):
+    server = await asyncio.start_server(half_body_upstream(10_000_000, 200_000), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fender = await start_fender(f"""
+        routes:
+          - name: half
+            upstream: http://127.0.0.1:{port}
+    """)
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 200  # the head was already relayed when the upstream broke off
         try:
             await resp.read()
         except aiohttp.ClientPayloadError:
