@@ -1,0 +1,81 @@
+"""Secrets out of what the admin API shows (`GET /config`, `GET /routes`).
+
+Three rules, applied to the whole document so that new config keys are covered too:
+- a value under a key that names a secret (password, token, secret, api key,
+  private key, credential, authorization, cookie) is replaced;
+- a value that is itself credential-shaped is replaced wherever it sits: PEM
+  material (`-----BEGIN ...`), `Bearer`/`Basic`/`Token` credentials, JWTs;
+- a URL keeps everything but the password of its userinfo
+  (`postgresql://app:***@db/x`).
+Inside a `tls:` mapping every key except the known harmless ones is replaced
+(a client key or its passphrase must not leak whatever it is called).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["REDACTED", "redact", "redact_url", "is_secret_key", "looks_like_secret"]
+
+REDACTED = "<redacted>"
+
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?($|[-_])|secret|token|api[-_]?key|private[-_]?key|client[-_]?key|"
+    r"credential|authoriz|^auth$|[-_]auth$|^x-auth|cookie|session[-_]?id|signature",
+    re.IGNORECASE,
+)
+_TLS_HARMLESS = frozenset({"verify", "ca_file", "server_name", "cert_file", "ca", "sni", "min_version"})
+_CREDENTIAL_VALUE = re.compile(
+    r"-----BEGIN [A-Z ]+-----|^\s*(bearer|basic|token|digest)\s+\S|"
+    r"^eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.",
+    re.IGNORECASE,
+)
+_URL_WITH_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@")
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def looks_like_secret(value: str) -> bool:
+    return bool(_CREDENTIAL_VALUE.search(value))
+
+
+def redact_url(url: str) -> str:
+    """The URL with the password of its userinfo replaced; other URLs unchanged."""
+    if not _URL_WITH_USERINFO.match(url):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:{REDACTED}@{host}"))
+
+
+def redact(value: Any, *, _key: str = "") -> Any:
+    """A copy of a JSON-like document with secrets replaced by `<redacted>`."""
+    if isinstance(value, dict):
+        tls = _key.lower() == "tls"
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            name = str(key)
+            if not isinstance(item, dict | list) and item is not None and (
+                is_secret_key(name) or (tls and name.lower() not in _TLS_HARMLESS)
+            ):
+                out[key] = REDACTED
+            else:
+                out[key] = redact(item, _key=name)
+        return out
+    if isinstance(value, list | tuple):
+        return [redact(item, _key=_key) for item in value]
+    if isinstance(value, str):
+        if looks_like_secret(value):
+            return REDACTED
+        return redact_url(value)
+    return value
