@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.fender_workers
     if workers < 0:
         workers = 2 if (os.cpu_count() or 1) >= 2 and fender_supports_workers() else 0
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"bench: warning: load average is {load_before:.2f} before the run; other work on "
+              "this machine moves the numbers (ratios of the same run are still comparable)",
+              file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="fender-bench-"))
     notes: dict[str, str] = {}
     targets = select(all_targets(workers), args.only, args.skip)
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *(argv or sys.argv[1:])]),
             "duration_s": args.duration, "rounds": args.rounds, "concurrency": concurrencies,
             "cpus": os.cpu_count(), "elapsed_s": round(elapsed, 1), "fender_workers": workers,
+            "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
             "versions": versions(), "git": _version(["git", "rev-parse", "--short", "HEAD"]),
             "workdir": str(workdir) if args.keep_workdir else None,
         },
