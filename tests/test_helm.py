@@ -318,7 +318,10 @@ def test_changing_the_config_does_not_roll_pods(helm: list[str], helm_env: dict[
     base = ["-f", str(CHART / "examples" / "native-sidecar.yaml")]
     before = _docs(_template(helm, helm_env, *base))
     after = _docs(_template(helm, helm_env, *base, "--set", "config.defaults.chain[0].timeout=1s"))
-    pick = lambda docs, kind: [d for d in docs if d["kind"] == kind]  # noqa: E731
+
+    def pick(docs: list[Doc], kind: str) -> list[Doc]:
+        return [d for d in docs if d["kind"] == kind]
+
     assert pick(before, "ConfigMap") != pick(after, "ConfigMap")
     assert pick(before, "Deployment") == pick(after, "Deployment")
 
