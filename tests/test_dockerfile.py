@@ -310,6 +310,15 @@ def test_image_install_steps_produce_a_working_fender(tmp_path: Path,
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
 
+    # Under readOnlyRootFilesystem only the journal volume (and /tmp) is writable:
+    # running Fender must not create or change anything else in the image tree.
+    data_dir = Path(env["FENDER_DATA_DIR"])
+
+    def image_files() -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in image.root.rglob("*")
+                if p.is_file() and data_dir not in p.parents}
+
+    before = image_files()
     # ENTRYPOINT with the image's environment, listeners on free ports.
     proxy_port, admin_port, metrics_port = _free_ports(3)
     run_env = dict(env, FENDER_PROXY_ADDR=f"127.0.0.1:{proxy_port}", FENDER_ADMIN_ADDR=f"127.0.0.1:{admin_port}",
@@ -333,10 +342,9 @@ def test_image_install_steps_produce_a_working_fender(tmp_path: Path,
         probe = subprocess.run(json.loads(healthcheck.group(1)), cwd=cwd, env=run_env,
                                capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, probe.stderr
-        # The journal directory is where the image says; nothing is written to the config dir.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
-        assert sorted(p.name for p in Path(env["FENDER_CONFIG"]).parent.iterdir()) == ["fender.yaml"]
+        assert image_files() == before
     finally:
         if proc.poll() is None:
             proc.kill()
