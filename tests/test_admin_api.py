@@ -250,8 +250,9 @@ def test_openapi_merges_the_saga_fragment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_is_loopback() -> None:
     for address in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
         assert is_loopback(address), address
-    for address in ("10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1", "", None, "localhost"):
-        assert not is_loopback(address), address
+    outside: list[str | None] = ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1", "", None, "localhost"]
+    for remote in outside:
+        assert not is_loopback(remote), remote
 
 
 async def guarded_client(aiohttp_client: Any, token: str | None, peer: str) -> Any:
