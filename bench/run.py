@@ -255,7 +255,16 @@ def print_report(summary: Any, order: list[str], concurrencies: list[int], idle_
         for conc, row in saga["by_concurrency"].items():
             print(f"  c={conc}: {row['sagas_per_s']} sagas/s, p50 {row['saga_p50_us'] / 1000:.2f}ms; "
                   f"direct calls {row['direct_calls_per_s']}/s p50 {row['direct_p50_us']:.0f}us; "
-                  f"overhead per step {row['overhead_per_step_us']:.0f}us")
+                  f"per step: +{row['overhead_per_step_us']:.0f}us latency, "
+                  f"+{row['cost_per_step_us'] or 0:.0f}us cost")
+        counts = saga.get("not_completed", {})
+        bad = {k: v for k, v in counts.items() if v}
+        if bad:
+            print(f"  sagas not completed: {bad}")
+        elif counts and all(v is None for v in counts.values()):
+            print("  could not list sagas by status")
+        else:
+            print("  every saga completed")
 
 
 if __name__ == "__main__":

@@ -97,8 +97,30 @@ def run_saga_bench(workdir: Path, *, admin_port: int, proxy_port: int, duration:
             "direct_calls_per_s": round(direct.rps, 1),
             "direct_p50_us": direct.p50_us,
             "direct_errors": direct.errors,
-            # what the coordinator adds to each step: journal writes, templating, bookkeeping
+            # what the coordinator adds to each step's latency: journal writes, templating,
+            # bookkeeping (meaningful at c=1; at higher concurrency queueing is in it too)
             "overhead_per_step_us": round(saga.p50_us / steps - direct.p50_us, 1),
+            # and to its cost: time per step at saturation minus time per direct call
+            "cost_per_step_us": (round(1e6 / (saga.rps * steps) - 1e6 / direct.rps, 1)
+                                 if saga.rps and direct.rps else None),
             "steps_per_s_over_direct": round(saga.rps * steps / direct.rps, 3) if direct.rps else None,
         }
+    result["not_completed"] = count_not_completed(admin_port)
     return result
+
+
+def count_not_completed(admin_port: int) -> dict[str, int | None]:
+    """Sagas of the run that ended otherwise than completed (the first page of each status)."""
+    out: dict[str, int | None] = {}
+    for status in ("compensated", "failed", "running", "compensating"):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+            conn.request("GET", f"/v1/sagas?status={status}&limit=100")
+            resp = conn.getresponse()
+            body = json.loads(resp.read() or b"{}") if resp.status == 200 else {}
+            conn.close()
+            items = body.get("items") if isinstance(body, dict) else None
+            out[status] = len(items) if isinstance(items, list) else None
+        except (OSError, ValueError):
+            out[status] = None
+    return out
