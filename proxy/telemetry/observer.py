@@ -1,0 +1,110 @@
+"""The data plane's and the saga coordinator's observers, feeding metrics, traces and the access log."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from policies.base import RequestContext
+from policies.events import Event
+from proxy.telemetry.access_log import AccessLog
+from proxy.telemetry.metrics import FenderMetrics
+from proxy.telemetry.tracing import Tracing, trace_id_of
+
+__all__ = ["TelemetryObserver", "SagaTelemetry", "inbound_trace_id"]
+
+
+def inbound_trace_id(headers: Mapping[str, str]) -> str | None:
+    """The trace id of the caller's W3C traceparent (`00-<trace id>-<span id>-<flags>`), if well formed."""
+    value = headers.get("traceparent")
+    if value is None or len(value) < 55 or value[2] != "-" or value[35] != "-":
+        return None
+    trace_id = value[3:35].lower()
+    try:
+        int(trace_id, 16)
+    except ValueError:
+        return None
+    return trace_id
+
+
+class TelemetryObserver:
+    """`proxy.observer.RequestObserver`; also subscribed to the EventBus (`on_event`)."""
+
+    __slots__ = ("metrics", "tracing", "access_log")
+
+    def __init__(self, metrics: FenderMetrics, tracing: Tracing | None, access_log: AccessLog | None) -> None:
+        self.metrics = metrics
+        self.tracing = tracing
+        self.access_log = access_log
+
+    def request_started(self, ctx: RequestContext, headers: Any) -> None:
+        self.metrics.request_started(ctx.route)
+        tracing = self.tracing
+        if tracing is not None:
+            ctx.span = tracing.request_span(ctx, headers)
+
+    def attempt_started(self, ctx: RequestContext, method: str, url: URL, headers: CIMultiDict[str]) -> Any:
+        tracing = self.tracing
+        if tracing is None:
+            return None
+        return tracing.attempt_span(ctx, method, url, headers)
+
+    def attempt_finished(
+        self, ctx: RequestContext, token: Any, status: int | None, error: BaseException | None
+    ) -> None:
+        self.metrics.attempt_finished(ctx.route, status, error)
+        if token is not None:
+            Tracing.attempt_done(token, status, error)
+
+    def request_finished(
+        self, ctx: RequestContext, method: str, path: str, status: int, outcome: str, duration: float
+    ) -> None:
+        self.metrics.request_finished(ctx.route, method, status, outcome, duration)
+        span = ctx.span
+        if span is not None:
+            Tracing.request_done(span, status, outcome, ctx.attempts)
+        access_log = self.access_log
+        if access_log is not None:
+            trace_id = trace_id_of(span) if span is not None else inbound_trace_id(ctx.headers)
+            request = ctx.request
+            request_id = request.headers.get("x-request-id") if request is not None else None
+            access_log.log(ctx.route, method, path, status, ctx.attempts, duration, outcome, request_id, trace_id)
+
+    def on_event(self, event: Event, ctx: RequestContext) -> None:
+        self.metrics.on_event(event, ctx.route)
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.on_event(event, ctx)
+
+
+class SagaTelemetry:
+    """`saga.observer.SagaObserver`: saga counters and histograms, a span per saga and per call."""
+
+    __slots__ = ("metrics", "tracing")
+
+    def __init__(self, metrics: FenderMetrics, tracing: Tracing | None) -> None:
+        self.metrics = metrics
+        self.tracing = tracing
+
+    def saga_started(self, saga_id: str) -> None:
+        self.metrics.saga_started()
+        if self.tracing is not None:
+            self.tracing.saga_started(saga_id)
+
+    def call_started(self, saga_id: str, step: str, phase: str, headers: MutableMapping[str, str]) -> None:
+        if self.tracing is not None:
+            self.tracing.saga_call_started(saga_id, step, phase, headers)
+
+    def step_finished(self, saga_id: str, step: str, phase: str, duration: float, outcome: str) -> None:
+        if outcome != "template_error":  # no call was made
+            self.metrics.saga_step(phase, duration)
+        if self.tracing is not None:
+            self.tracing.saga_step_finished(saga_id, step, phase, outcome)
+
+    def saga_finished(self, saga_id: str, status: str) -> None:
+        self.metrics.saga_finished(status)
+        if self.tracing is not None:
+            self.tracing.saga_finished(saga_id, status)
