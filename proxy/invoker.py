@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
 
 import aiohttp
 from multidict import CIMultiDict
 
 from policies.base import RequestContext
-from policies.errors import UpstreamReset
+from policies.errors import FenderError, UpstreamReset
 from proxy.app import FenderApp
+from proxy.errors import STATUS_BY_KIND
 from proxy.headers import strip_hop_by_hop
 from proxy.upstream import OutboundRequest
 from saga.invoker import RouteResponse, UnknownRoute
@@ -47,14 +50,31 @@ class ChainInvoker:
         ctx.request = OutboundRequest(method.upper(), path, out, body)
         observer = self.app.observer
         observer.request_started(ctx, out)
-        outcome = await target.call(ctx)
-        if outcome.body is not None:  # a fallback answered
-            return RouteResponse(outcome.status, dict(outcome.headers), outcome.body)
-        response: aiohttp.ClientResponse = outcome.response
+        started = time.monotonic()
+        status, kind = 500, "success"  # the handler's outcome words, for telemetry
         try:
-            data = await response.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-            raise UpstreamReset(f"route {route}: the response body broke off: {exc}") from exc
+            try:
+                outcome = await target.call(ctx)
+            except FenderError as exc:
+                status, kind = STATUS_BY_KIND.get(exc.kind, 500), exc.kind
+                raise
+            status = outcome.status
+            if outcome.body is not None:  # a fallback answered
+                kind = "fallback"
+                return RouteResponse(outcome.status, dict(outcome.headers), outcome.body)
+            if status >= 500:
+                kind = "upstream_error"
+            response: aiohttp.ClientResponse = outcome.response
+            try:
+                data = await response.read()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                kind = "upstream_reset"
+                raise UpstreamReset(f"route {route}: the response body broke off: {exc}") from exc
+            finally:
+                response.release()
+            return RouteResponse(outcome.status, dict(response.headers), data)
+        except asyncio.CancelledError:
+            status, kind = 499, "client_abort"
+            raise
         finally:
-            response.release()
-        return RouteResponse(outcome.status, dict(response.headers), data)
+            observer.request_finished(ctx, ctx.method, path, status, kind, time.monotonic() - started)
