@@ -44,7 +44,7 @@ class DeadlineEntry:
 
 
 class DeadlineQueue:
-    __slots__ = ("duration", "clock", "_entries", "_timer", "_timer_at", "_scheduler")
+    __slots__ = ("duration", "clock", "_entries", "_timer", "_timer_at", "_scheduler", "_loop")
 
     def __init__(self, duration: float, clock: Clock) -> None:
         self.duration = duration
@@ -52,6 +52,7 @@ class DeadlineQueue:
         self._entries: deque[DeadlineEntry] = deque()
         self._timer: Any = None
         self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the timer is armed
         call_at = getattr(clock, "call_at", None)
         self._scheduler: Callable[[float, Callable[[], None]], Any] | None = call_at
 
@@ -61,8 +62,8 @@ class DeadlineQueue:
     def enter(self, task: asyncio.Task[Any], now: float) -> DeadlineEntry:
         entry = DeadlineEntry(now + self.duration, task, task.cancelling())
         self._entries.append(entry)
-        if self._timer is None:
-            self._arm(entry.deadline)
+        if self._timer is None or (self._scheduler is None and task.get_loop() is not self._loop):
+            self._arm(entry.deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
         return entry
 
     def leave(self, entry: DeadlineEntry) -> None:
@@ -77,7 +78,7 @@ class DeadlineQueue:
         if self._scheduler is not None:
             self._timer = self._scheduler(when, self._fire)
         else:
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             self._timer = loop.call_at(loop.time() + (when - self.clock.now()), self._fire)
 
     def _fire(self) -> None:

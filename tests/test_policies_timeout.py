@@ -173,3 +173,24 @@ async def test_real_clock_fires_after_a_quiet_period_and_after_fast_calls():
         with pytest.raises(TimedOut):
             await policy(hang, make_ctx())
         assert 0.04 <= loop.time() - start < 1.0
+
+
+def test_a_policy_kept_across_event_loops_still_fires():
+    policy = TimeoutPolicy(0.02, clock=SYSTEM_CLOCK)
+
+    async def hang(ctx):
+        await asyncio.sleep(5)
+
+    async def fast(ctx):
+        from policies.base import Outcome
+        return Outcome(200, {})
+
+    async def quick():  # leaves the policy's timer pending on a loop that then closes
+        await policy(fast, make_ctx())
+
+    async def slow():
+        with pytest.raises(TimedOut):
+            await asyncio.wait_for(policy(hang, make_ctx()), 2)
+
+    asyncio.run(quick())
+    asyncio.run(slow())
