@@ -70,10 +70,15 @@ class FenderApp:
         observer: RequestObserver | None = None,
         factory: Any = None,
     ) -> None:
+        redis_store = None
         if factory is None:
             from config.factory import PolicyFactory  # the policies' build step
 
-            factory = PolicyFactory(clock=clock, settings=settings)
+            if settings.redis_url:  # `backend: redis` rate limits share their buckets there
+                from policies.redis_bucket import RedisBucketStore
+
+                redis_store = RedisBucketStore.from_url(settings.redis_url, clock=clock)
+            factory = PolicyFactory(clock=clock, settings=settings, redis_store=redis_store)
         self.settings = settings
         self.clock = clock
         self.config_path = resolve_config_path(settings.config)
@@ -91,6 +96,8 @@ class FenderApp:
         self._runners: dict[str, web.BaseRunner] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         self.services: list[Any] = []  # objects with async start()/stop(), e.g. the saga service
+        if redis_store is not None:
+            self.services.append(redis_store)  # stopped last: closes the Redis connections
         self.admin_routes: list[web.RouteDef] = []
         self.admin_middlewares: list[Any] = []
         self.metrics_text = _default_metrics_text
