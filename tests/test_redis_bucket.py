@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -191,12 +192,15 @@ async def _statuses(http: aiohttp.ClientSession, url: str, host: str, n: int) ->
 
 
 async def test_fender_follows_on_backend_error_and_resumes_limits(
-    private_redis: PrivateRedis, prefix: str, start_fender, aiohttp_server, http: aiohttp.ClientSession
+    private_redis: PrivateRedis, prefix: str, start_fender: Any, aiohttp_server: Any, http: aiohttp.ClientSession
 ) -> None:
     from aiohttp import web
 
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     upstream_app = web.Application()
-    upstream_app.router.add_get("/x", lambda request: web.Response(text="ok"))
+    upstream_app.router.add_get("/x", ok)
     upstream = await aiohttp_server(upstream_app)
     fender = await start_fender(
         ALLOW_DENY.format(up=str(upstream.make_url("")).rstrip("/")),
