@@ -67,8 +67,8 @@ async def test_sighup_reloads_a_running_fender(aiohttp_server: Any, tmp_path: Pa
         "FENDER_ACCESS_LOG": "false",
         "FENDER_CONFIG_WATCH_INTERVAL": "0",  # only the signal may trigger the reload
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "run", "--config", str(path)],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "run", "--config", str(path),
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -110,13 +110,13 @@ async def test_sighup_reloads_a_running_fender(aiohttp_server: Any, tmp_path: Pa
             locs = {e["loc"] for e in third["last_reload"]["errors"]}
             assert {"routes[0].name", "routes[0].upstream"} <= locs
             assert await route_name() == "second"
-            assert process.poll() is None, "a rejected reload does not stop fender"
+            assert process.returncode is None, "a rejected reload does not stop fender"
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            _, stderr = await asyncio.to_thread(process.communicate, timeout=15)
-        except subprocess.TimeoutExpired:
+            _, stderr = await asyncio.wait_for(process.communicate(), 15)
+        except TimeoutError:
             process.kill()
-            _, stderr = process.communicate()
+            _, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"routes[0].name" in stderr, "the rejection is logged"
