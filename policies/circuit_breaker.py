@@ -1,13 +1,15 @@
 """CircuitBreakerPolicy: the async adapter around `BreakerStateMachine`.
 
 A response whose status is in `failure_statuses` counts as a failure, and so do
-connect failures, resets and timeouts. Rejections by policies further in
-(another breaker, a bulkhead) and cancellations say nothing about the upstream
-and are not counted.
+connect failures, resets and timeouts (also a timeout outside the breaker that
+cancels the call at the request's deadline). Rejections by policies further in
+(another breaker, a bulkhead) and other cancellations (the client left) say
+nothing about the upstream and are not counted.
 """
 
 from __future__ import annotations
 
+from asyncio import CancelledError
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,6 +80,16 @@ class CircuitBreakerPolicy:
             machine.on_error(now - start, now, generation)
             if machine.generation != generation:
                 self._emit_transition(ctx)
+            raise
+        except CancelledError:
+            now = self.clock.now()
+            if ctx.deadline is not None and now >= ctx.deadline:
+                # a timeout outside the breaker cancelled the call: the upstream was too slow
+                machine.on_error(now - start, now, generation)
+                if machine.generation != generation:
+                    self._emit_transition(ctx)
+            else:
+                machine.release(generation)  # e.g. the client went away
             raise
         except BaseException:
             machine.release(generation)

@@ -256,3 +256,17 @@ def test_expand_statuses():
     assert len(expand_statuses(["5xx"])) == 100
     with pytest.raises(ValueError):
         expand_statuses(["bad"])
+
+
+async def test_a_timeout_outside_the_breaker_counts_as_a_failure():
+    from policies.base import compose
+    from policies.testing import Hang
+    from policies.timeout import TimeoutPolicy
+
+    clock = FakeClock()
+    policy = breaker(clock, consecutive_failures=2)
+    chain = compose([TimeoutPolicy(1.0, clock=clock), policy], ScriptedUpstream(clock, Hang(5)))
+    for _ in range(2):
+        with pytest.raises(TimedOut):
+            await chain(make_ctx())
+    assert policy.state is OPEN
