@@ -84,10 +84,7 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
     try:
         raw = yaml.load(raw_bytes, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigInvalid([ConfigIssue(loc, f"invalid YAML: {problem}")], source) from exc
+        raise ConfigInvalid([_yaml_issue(exc)], source) from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -101,6 +98,16 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
         raise ConfigInvalid(problems, source)
     digest = hashlib.sha256(raw_bytes).hexdigest()[:16]
     return LoadedConfig(config=config, hash=digest, source=source, raw=raw)
+
+
+def _yaml_issue(exc: yaml.YAMLError) -> ConfigIssue:
+    """One located line, whatever kind of YAML error (PyYAML's messages span lines)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return ConfigIssue(f"byte {exc.position}", f"invalid YAML: {exc.reason} (character {exc.character!r})")
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    loc = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "yaml"
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return ConfigIssue(loc, f"invalid YAML: {problem}")
 
 
 def _issues(exc: ValidationError) -> list[ConfigIssue]:

@@ -14,6 +14,7 @@ from yarl import URL
 from config.models import UpstreamModel
 from policies.base import Outcome, RequestContext
 from policies.errors import UpstreamReset, UpstreamUnavailable
+from proxy.h1client import ConnectFailed, ConnectionPool, ResponseFailed
 
 __all__ = ["Upstream", "UpstreamPool", "OutboundRequest"]
 
@@ -37,44 +38,39 @@ class OutboundRequest:
 
 
 class Upstream:
-    """A connection pool to one upstream URL."""
+    """A keep-alive connection pool to one upstream URL."""
 
     def __init__(self, model: UpstreamModel, observer: Any = None) -> None:
         self.model = model
         self.base = model.url
-        self.host_header = URL(model.url).raw_authority
-        self._session: aiohttp.ClientSession | None = None
+        url = URL(model.url)
+        self.host_header = url.raw_authority
+        self._prefix = url.raw_path.rstrip("/")  # an upstream URL may carry a base path
+        self._pool: ConnectionPool | None = None
         self._observer = observer
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        # created lazily: a ClientSession must be made inside the running loop
-        if self._session is None or self._session.closed:
-            self._session = self._make_session()
-        return self._session
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
+            self._pool = self._make_pool()
+        return self._pool
 
-    def _make_session(self) -> aiohttp.ClientSession:
+    def _make_pool(self) -> ConnectionPool:
         model = self.model
-        ssl_ctx: ssl.SSLContext | bool = True
-        if model.url.startswith("https://"):
+        url = URL(model.url)
+        ssl_ctx: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            ssl_ctx = ssl.create_default_context(cafile=model.tls.ca_file)
             if not model.tls.verify:
-                ssl_ctx = False
-            elif model.tls.ca_file:
-                ssl_ctx = ssl.create_default_context(cafile=model.tls.ca_file)
-        connector = aiohttp.TCPConnector(
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+        return ConnectionPool(
+            url.raw_host or "",
+            url.port or (443 if url.scheme == "https" else 80),
+            ssl_context=ssl_ctx,
+            server_hostname=model.tls.server_name or url.raw_host,
+            connect_timeout=model.connect_timeout,
             limit=model.max_connections,
-            limit_per_host=0,
-            ssl=ssl_ctx,
-            ttl_dns_cache=30,
-            enable_cleanup_closed=False,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=model.connect_timeout),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            raise_for_status=False,
         )
 
     async def send(self, ctx: RequestContext) -> Outcome:
@@ -85,37 +81,32 @@ class Upstream:
         if body is not None and not isinstance(body, bytes | bytearray) and ctx.attempts > 1:
             # a streamed body was consumed by the first attempt; the retry policy should not get here
             raise UpstreamReset("request body was streamed and cannot be replayed")
-        url = URL(self.base + req.path_qs, encoded=True)
         observer = self._observer
-        token = observer.attempt_started(ctx, req.method, url, req.headers) if observer else None
+        token = None
+        if observer is not None:
+            token = observer.attempt_started(ctx, req.method, URL(self.base + req.path_qs, encoded=True), req.headers)
         try:
-            response = await self.session._request(
-                req.method, url, headers=req.headers, data=body,
-                allow_redirects=False, compress=None, chunked=None,
-            )
-        except aiohttp.ClientConnectorError as exc:
-            error: Exception = UpstreamUnavailable(f"cannot connect to {self.base}: {_reason(exc)}")
-        except (aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError):
-            error = UpstreamUnavailable(f"connecting to {self.base} timed out")
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
-                aiohttp.ClientResponseError) as exc:
-            error = UpstreamReset(f"{self.base} closed the connection before a full response: {_reason(exc)}")
+            response = await self.pool.request(req.method, self._prefix + req.path_qs, req.headers, body)
+        except ConnectFailed as exc:
+            error: Exception = UpstreamUnavailable(f"cannot connect to {self.base}: {exc}")
+        except ResponseFailed as exc:
+            error = UpstreamReset(f"{self.base}: {exc} before a full response")
         except asyncio.CancelledError:
-            if observer:
+            if observer is not None:
                 observer.attempt_finished(ctx, token, None, asyncio.CancelledError())
             raise
         else:
-            if observer:
+            if observer is not None:
                 observer.attempt_finished(ctx, token, response.status, None)
-            return Outcome(response.status, response.headers, response, None, response.close)
-        if observer:
+            return Outcome(response.status, response.headers, response, None, response.release)
+        if observer is not None:
             observer.attempt_finished(ctx, token, None, error)
         raise error
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
 
 def _reason(exc: BaseException) -> str:

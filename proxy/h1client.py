@@ -1,0 +1,363 @@
+"""A lean HTTP/1.1 client for the forwarding path.
+
+aiohttp's ClientSession spends most of a proxied request's time on machinery a
+proxy does not need (cookies, redirects, URL handling, per-request objects).
+This client keeps what matters: aiohttp's C response parser and its flow-
+controlled StreamReader, keep-alive pools per upstream, and one write per
+request head (plus body when it is buffered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
+from multidict import CIMultiDictProxy
+
+__all__ = ["ConnectionPool", "UpstreamResponse", "ConnectFailed", "ResponseFailed"]
+
+_READ_LIMIT = 2**16
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+class ConnectFailed(Exception):
+    """No connection could be made (refused, unreachable, TLS or connect timeout)."""
+
+
+class ResponseFailed(Exception):
+    """The connection broke, or the answer was not HTTP, before a full response head."""
+
+
+def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_body: bool) -> Any:
+    return HttpResponseParser(
+        protocol,
+        loop,
+        _READ_LIMIT,
+        payload_exception=aiohttp.ClientPayloadError,
+        response_with_body=with_body,
+        read_until_eof=True,
+        auto_decompress=False,
+    )
+
+
+class UpstreamConnection(BaseProtocol):
+    __slots__ = ("pool", "_waiter", "_payload", "_should_close", "_body_parser", "_head_parser",
+                 "_received", "reused")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: ConnectionPool) -> None:
+        super().__init__(loop, None)
+        self._body_parser = _make_parser(self, loop, True)
+        self._head_parser: Any = None
+        self._parser = self._body_parser
+        self.pool = pool
+        self._waiter: asyncio.Future[tuple[Any, aiohttp.StreamReader]] | None = None
+        self._payload: aiohttp.StreamReader | None = None
+        self._should_close = False
+        self._received = False
+        self.reused = False
+
+    @property
+    def usable(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing() and not self._should_close
+
+    def expect_response(self, method: str) -> asyncio.Future[tuple[Any, aiohttp.StreamReader]]:
+        if method == "HEAD":
+            if self._head_parser is None:
+                self._head_parser = _make_parser(self, self._loop, False)
+            self._parser = self._head_parser
+        else:
+            self._parser = self._body_parser
+        self._received = False
+        self._waiter = self._loop.create_future()
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        try:
+            messages, _upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._fail(ResponseFailed(f"invalid HTTP response: {exc}"))
+            self.close()
+            return
+        for message, payload in messages:
+            if message.should_close:
+                self._should_close = True
+            self._payload = payload
+            waiter, self._waiter = self._waiter, None
+            if waiter is None or waiter.done():
+                self.close()  # an answer nobody asked for
+                return
+            payload.on_eof(self._message_done)
+            waiter.set_result((message, payload))
+
+    def _message_done(self) -> None:
+        self._payload = None
+        if self._should_close or self.transport is None:
+            self.close()
+        else:
+            self.pool.release(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._should_close = True
+        parser = self._parser
+        if parser is not None:
+            try:
+                parser.feed_eof()
+            except Exception as underlying:
+                payload = self._payload
+                if payload is not None and not payload.is_eof():
+                    payload.set_exception(aiohttp.ClientPayloadError(f"response body not completed: {underlying!r}"))
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(aiohttp.ClientPayloadError("the upstream closed the connection mid-body"))
+        reason = f": {exc}" if exc else ""
+        self._fail(ResponseFailed(f"the upstream closed the connection{reason}"))
+        self.pool.forget(self)
+
+    def _fail(self, error: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def close(self) -> None:
+        self._should_close = True
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    async def drain(self) -> None:
+        if self._paused:
+            await self._drain_helper()
+
+
+class UpstreamResponse:
+    """The subset of aiohttp.ClientResponse the relay needs."""
+
+    __slots__ = ("status", "reason", "headers", "content", "_conn")
+
+    def __init__(self, message: Any, payload: aiohttp.StreamReader, conn: UpstreamConnection) -> None:
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = payload
+        self._conn = conn
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        if value is None or not value.isdigit():
+            return None
+        return int(value)
+
+    async def read(self) -> bytes:
+        content = self.content
+        first = await content.readany()
+        if not first or content.is_eof():
+            return first
+        chunks = [first]
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def release(self) -> None:
+        # at EOF the connection already went back to its pool; otherwise it is unusable
+        if not self.content.is_eof():
+            self._conn.close()
+
+    close = release
+
+
+class ConnectionPool:
+    """Keep-alive connections to one upstream, at most `limit` open."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        connect_timeout: float,
+        limit: int,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.limit = limit
+        self._idle: list[UpstreamConnection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._all: set[UpstreamConnection] = set()
+
+    async def acquire(self) -> UpstreamConnection:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                conn.reused = True
+                return conn
+        if self._open < self.limit:
+            return await self._connect()
+        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            conn = await waiter  # type: ignore[assignment]
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self.release(waiter.result())  # type: ignore[arg-type]
+            else:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+        if conn is not None and conn.usable:
+            conn.reused = True
+            return conn
+        return await self.acquire()
+
+    async def _connect(self) -> UpstreamConnection:
+        self._open += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(loop, self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.server_hostname if self.ssl_context else None,
+                )
+        except TimeoutError as exc:
+            self._slot_freed()
+            raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s") from exc
+        except (OSError, ssl.SSLError) as exc:
+            self._slot_freed()
+            raise ConnectFailed(str(exc) or type(exc).__name__) from exc
+        except BaseException:
+            self._slot_freed()
+            raise
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if not conn.usable:
+            conn.close()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: free its slot."""
+        if conn in self._all:
+            self._all.discard(conn)
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self._open -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # go and connect: there is room now
+                return
+
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
+    ) -> UpstreamResponse:
+        conn = await self.acquire()
+        try:
+            return await self._exchange(conn, method, path_qs, headers, body)
+        except ResponseFailed:
+            # a kept-alive connection the upstream had closed while idle: one fresh try
+            if not (conn.reused and not conn._received and method in _IDEMPOTENT
+                    and (body is None or isinstance(body, bytes | bytearray))):
+                raise
+        conn = await self._connect()
+        return await self._exchange(conn, method, path_qs, headers, body)
+
+    async def _exchange(
+        self,
+        conn: UpstreamConnection,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
+    ) -> UpstreamResponse:
+        transport = conn.transport
+        if transport is None:
+            raise ResponseFailed("the upstream closed the connection")
+        waiter = conn.expect_response(method)
+        lines = [f"{method} {path_qs} HTTP/1.1\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()
+                  if name != "Content-Length" and name != "content-length"]
+        try:
+            if body is None:
+                if method in _BODY_METHODS:
+                    lines.append("Content-Length: 0\r\n")
+                lines.append("\r\n")
+                transport.write("".join(lines).encode("utf-8", "surrogateescape"))
+            elif isinstance(body, bytes | bytearray):
+                lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+                transport.write("".join(lines).encode("utf-8", "surrogateescape") + body)
+            else:
+                length = headers.get("content-length")
+                if length is not None:
+                    lines.append(f"Content-Length: {length}\r\n\r\n")
+                else:
+                    lines.append("Transfer-Encoding: chunked\r\n\r\n")
+                transport.write("".join(lines).encode("utf-8", "surrogateescape"))
+                await _send_stream(conn, body, chunked=length is None)
+            message, payload = await waiter
+        except BaseException:
+            conn.close()  # cancelled or broken mid-exchange: the connection's state is unknown
+            raise
+        return UpstreamResponse(message, payload, conn)
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+
+
+async def _send_stream(
+    conn: UpstreamConnection, body: AsyncIterator[bytes] | aiohttp.StreamReader, *, chunked: bool
+) -> None:
+    iterator = body.iter_any() if isinstance(body, aiohttp.StreamReader) else body
+    async for chunk in iterator:
+        if not chunk:
+            continue
+        transport = conn.transport
+        if transport is None:
+            raise ResponseFailed("the upstream closed the connection while the request body was sent")
+        if chunked:
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # no copy of the chunk
+        else:
+            transport.write(chunk)
+        await conn.drain()
+    if chunked and conn.transport is not None:
+        conn.transport.write(b"0\r\n\r\n")
