@@ -64,6 +64,8 @@ def format_loc(parts: Iterable[int | str]) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "":
+            out += '[""]'  # an empty key is still a place in the file
         elif part.startswith("~") or part.startswith("function-"):
             continue  # union tags and validator names are not locations a user can see
         else:
