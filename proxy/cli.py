@@ -59,12 +59,14 @@ def _check(path: str) -> int:
         for issue in exc.errors:
             print(str(issue))
         return 1
+    from config.checks import warnings
+    from config.settings import Settings
+
     try:
-        from config.checks import warnings
-    except ModuleNotFoundError:
-        found = []
-    else:
-        found = warnings(loaded.config)
+        redis_configured: bool | None = bool(Settings().redis_url)
+    except Exception:  # bad FENDER_* values must not stop a config check
+        redis_configured = None
+    found = warnings(loaded.config, redis_configured=redis_configured)
     for issue in found:
         print(f"warning: {issue}")
     print(f"{path}: ok ({len(loaded.config.routes)} routes, hash {loaded.hash})", file=sys.stderr)

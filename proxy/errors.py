@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from email.utils import formatdate
 
 from aiohttp import web
 
 from policies.errors import FenderError, RateLimited
+from policies.rate_limit import ratelimit_headers
 
 __all__ = ["STATUS_BY_KIND", "error_response", "rejection_response"]
 
@@ -51,18 +51,3 @@ def rejection_response(error: FenderError, route: str, attempts: int) -> web.Res
     if isinstance(error, RateLimited):
         headers.update(ratelimit_headers(error))
     return error_response(error.kind, error.message, route, headers=headers, attempts=attempts)
-
-
-def ratelimit_headers(error: RateLimited) -> dict[str, str]:
-    """IETF draft-ietf-httpapi-ratelimit-headers-09: RateLimit-Policy and RateLimit."""
-    name = error.policy or "default"
-    window = max(1, math.ceil(error.window))
-    reset = max(0, math.ceil(error.reset))
-    return {
-        "ratelimit-policy": f'"{name}";q={error.limit};w={window}',
-        "ratelimit": f'"{name}";r={max(0, error.remaining)};t={reset}',
-    }
-
-
-def http_date(timestamp: float) -> str:
-    return formatdate(timestamp, usegmt=True)
