@@ -129,6 +129,8 @@ class Saga:
     error: dict[str, Any] | None = None
     cause: dict[str, Any] | None = None  # journal only: what started compensation (error may later say parked)
     _parsed: SagaTemplateModel | None = field(default=None, repr=False)
+    # steps changed in memory whose journal write rides on the next save (see SagaCoordinator._save)
+    unsaved: set[int] = field(default_factory=set, repr=False)
 
     @property
     def terminal(self) -> bool:
