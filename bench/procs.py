@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Managed", "free_port", "rss_kib", "tree_pids", "wait_http"]
+__all__ = ["Managed", "cpu_seconds", "free_port", "rss_kib", "tree_pids", "wait_http"]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -55,6 +57,19 @@ def rss_kib(pid: int, *, peak: bool = False) -> int:
     """Sum of VmRSS (or VmHWM with peak=True) over the process tree, in KiB."""
     name = "VmHWM" if peak else "VmRSS"
     return sum(_status_field(p, name) for p in tree_pids(pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree (all threads), in seconds."""
+    ticks = 0
+    for p in tree_pids(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / _TICKS
 
 
 def wait_http(port: int, host: str, *, path: str = "/", timeout_s: float = 20.0,

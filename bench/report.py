@@ -6,7 +6,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Cell", "Summary", "format_table", "goals", "ratios", "summarize", "fmt_us"]
+__all__ = [
+    "Cell", "Summary", "format_cpu_table", "format_table", "goals", "ratios", "summarize", "fmt_us",
+]
 
 
 @dataclass
@@ -21,6 +23,8 @@ class Cell:
     p99_us: float
     errors: int = 0
     rss_kib: int = 0  # right after the run
+    cpu_us_per_req: float | None = None  # CPU time of the target per request served
+    cpu_util: float | None = None  # CPU seconds of the target per second of the run (1.0 = a core)
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Summary:
     errors: int
     rss_kib: int  # the largest seen after a run
     rounds: int
+    cpu_us_per_req: float | None = None
+    cpu_util: float | None = None
 
 
 def summarize(cells: list[Cell]) -> dict[str, dict[int, Summary]]:
@@ -48,11 +54,18 @@ def summarize(cells: list[Cell]) -> dict[str, dict[int, Summary]]:
                 errors=sum(c.errors for c in runs),
                 rss_kib=max(c.rss_kib for c in runs),
                 rounds=len(runs),
+                cpu_us_per_req=_median_or_none([c.cpu_us_per_req for c in runs]),
+                cpu_util=_median_or_none([c.cpu_util for c in runs]),
             )
             for conc, runs in sorted(by_conc.items())
         }
         for target, by_conc in grouped.items()
     }
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -87,6 +100,17 @@ def ratios(summary: dict[str, dict[int, Summary]], concurrencies: list[int],
         "fender_full_over_envoy_p50": {c: _ratio(p50(fender, c), p50("envoy", c))
                                        for c in concurrencies},
     }
+    def cpu(target: str, conc: int) -> float | None:
+        s = _get(summary, target, conc)
+        return s.cpu_us_per_req if s else None
+
+    # CPU per request hardly moves when other work shares the machine; throughput does
+    out["full_over_empty_cpu_per_req"] = {c: _ratio(cpu("fender-full", c), cpu("fender-empty", c))
+                                          for c in concurrencies}
+    out["empty_over_aiohttp_ref_cpu_per_req"] = {
+        c: _ratio(cpu("fender-empty", c), cpu("aiohttp-ref", c)) for c in concurrencies}
+    out["fender_full_over_envoy_cpu_per_req"] = {c: _ratio(cpu(fender, c), cpu("envoy", c))
+                                                 for c in concurrencies}
     low = min(concurrencies) if concurrencies else 1
     direct = p50("upstream", low)
     added: dict[str, float | None] = {}
@@ -179,4 +203,26 @@ def format_table(summary: dict[str, dict[int, Summary]], order: list[str], concu
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def format_cpu_table(summary: dict[str, dict[int, Summary]], order: list[str],
+                     concurrencies: list[int]) -> str:
+    """CPU microseconds per request and cores used, per concurrency."""
+    head = ["target"] + [f"c={c} CPU/req (cores)" for c in concurrencies]
+    rows = [head]
+    for target in order:
+        by_conc = summary.get(target, {})
+        row = [target]
+        for c in concurrencies:
+            s = by_conc.get(c)
+            if s is None or s.cpu_us_per_req is None:
+                row.append("n/a")
+            else:
+                row.append(f"{s.cpu_us_per_req:.0f}us ({s.cpu_util or 0:.2f})")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))])
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.procs import free_port, rss_kib, wait_http
-from bench.report import Cell, format_table, goals, ratios, summarize
+from bench.procs import cpu_seconds, free_port, rss_kib, wait_http
+from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.saga import run_saga_bench
 from bench.targets import (
     Target,
@@ -215,6 +215,7 @@ def measure(ready: list[Target], concurrencies: list[int], args: argparse.Namesp
             for target in ready:  # round-robin: each target in turn, then the next concurrency
                 if target.name in dead or target.managed is None:
                     continue
+                cpu_before, t_before = cpu_seconds(target.managed.pid), time.monotonic()
                 try:
                     res = run_wrk(target.url, connections=conc, duration=args.duration,
                                   headers={"Host": target.host}, wrk=wrk)
@@ -224,8 +225,12 @@ def measure(ready: list[Target], concurrencies: list[int], args: argparse.Namesp
                     if not target.managed.alive():
                         print(f"bench: {target.name} died:\n{target.managed.log_tail()}", file=sys.stderr)
                     continue
+                cpu = cpu_seconds(target.managed.pid) - cpu_before
+                wall = time.monotonic() - t_before
                 cells.append(Cell(target.name, conc, rnd, res.rps, res.p50_us, res.p99_us,
-                                  res.errors, rss_kib(target.managed.pid)))
+                                  res.errors, rss_kib(target.managed.pid),
+                                  cpu_us_per_req=round(cpu * 1e6 / res.requests, 1) if res.requests else None,
+                                  cpu_util=round(cpu / wall, 3) if wall > 0 else None))
         print(f"bench: round {rnd}/{args.rounds} done", file=sys.stderr, flush=True)
     return cells
 
@@ -235,6 +240,8 @@ def print_report(summary: Any, order: list[str], concurrencies: list[int], idle_
                  saga: dict[str, Any], descriptions: list[str], names: list[str]) -> None:
     print()
     print(format_table(summary, order, concurrencies, idle_rss, notes))
+    print("\nCPU time of the target per request (and cores it used), steadier than req/s on a busy machine:")
+    print(format_cpu_table(summary, order, concurrencies))
     print()
     for name, description in zip(names, descriptions, strict=True):
         note = f"  [{notes[name]}]" if name in notes else ""

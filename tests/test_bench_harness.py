@@ -4,12 +4,13 @@ config templates. Nothing here is timed and no server is started."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from bench.procs import rss_kib, tree_pids
-from bench.report import Cell, format_table, goals, ratios, summarize
+from bench.procs import cpu_seconds, rss_kib, tree_pids
+from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.run import parse_args, select
 from bench.saga import _lua_string, saga_body
 from bench.targets import CONFIGS, Workspace, all_targets, render
@@ -70,7 +71,8 @@ def _cells() -> list[Cell]:
     for target, (rps1, p50, rps32) in data.items():
         for rnd, jitter in ((1, 0.9), (2, 1.0), (3, 1.1)):
             cells.append(Cell(target, 1, rnd, rps1 * jitter, p50 * jitter, p50 * 3, 0, 40_000))
-            cells.append(Cell(target, 32, rnd, rps32 * jitter, 900.0, 2000.0, rnd - 1, 50_000 + rnd))
+            cells.append(Cell(target, 32, rnd, rps32 * jitter, 900.0, 2000.0, rnd - 1, 50_000 + rnd,
+                              cpu_us_per_req=1e6 / rps32 * jitter, cpu_util=0.9 + rnd / 100))
     return cells
 
 
@@ -89,6 +91,8 @@ def test_ratios_against_the_references_of_the_same_run() -> None:
     assert r["empty_over_aiohttp_ref_rps"][1] == pytest.approx(2.25)
     assert r["fender_full_over_envoy_rps"][32] == pytest.approx(19500 / 22000, abs=1e-3)
     assert r["added_p50_us_at_c1"]["fender-empty"] == pytest.approx(100.0)
+    assert r["full_over_empty_cpu_per_req"][32] == pytest.approx(20000 / 19500, abs=1e-3)
+    assert r["full_over_empty_cpu_per_req"][1] is None  # no CPU figure at c=1 in these cells
     assert "upstream" not in r["added_p50_us_at_c1"]
 
 
@@ -157,3 +161,18 @@ def test_rss_of_a_process_tree_includes_this_process() -> None:
     assert os.getpid() in tree_pids(os.getpid())
     assert rss_kib(os.getpid()) > 1000
     assert rss_kib(os.getpid(), peak=True) >= rss_kib(os.getpid()) // 2
+
+
+def test_cpu_table_shows_microseconds_per_request_and_cores() -> None:
+    table = format_cpu_table(summarize(_cells()), ["fender-full", "haproxy"], [1, 32])
+    lines = table.splitlines()
+    assert lines[2].split() == ["fender-full", "n/a", "51us", "(0.92)"]
+    assert lines[3].split() == ["haproxy", "n/a", "n/a"]
+
+
+def test_cpu_seconds_of_this_process_grow_with_work() -> None:
+    before = cpu_seconds(os.getpid())
+    give_up = time.monotonic() + 5
+    while cpu_seconds(os.getpid()) < before + 0.05 and time.monotonic() < give_up:
+        sum(range(10_000))
+    assert cpu_seconds(os.getpid()) > before
