@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,13 +60,16 @@ class LoadedConfig:
     raw: dict[str, Any]
 
 
+_PLAIN_KEY = re.compile(r"^[~\w.:/*\[\]-]+$")
+
+
 def format_loc(parts: Iterable[int | str]) -> str:
     out = ""
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part == "":
-            out += '[""]'  # an empty key is still a place in the file
+        elif not _PLAIN_KEY.match(part):
+            out += f"[{json.dumps(part, ensure_ascii=False)}]"  # empty, spaced or control-character keys, one line
         elif part.startswith("~") or part.startswith("function-"):
             continue  # union tags and validator names are not locations a user can see
         else:
