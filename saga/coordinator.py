@@ -21,7 +21,7 @@ from policies.errors import FenderError
 from saga.invoker import RouteInvoker, RouteResponse, UnknownRoute
 from saga.model import Compensation, Saga
 from saga.observer import NULL_OBSERVER, Phase, SagaObserver
-from saga.store import SagaStore
+from saga.store import SagaStore, StoreRefused
 from saga.template import TemplateError, quote_path_value, render_text, render_value
 
 __all__ = ["SagaCoordinator", "SagaConflict", "PreparedCall", "response_record"]
@@ -157,6 +157,12 @@ class SagaCoordinator:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def abandon(self, saga_id: str) -> None:
+        """Stop driving a saga at once, journaling nothing: another replica owns it now (fencing)."""
+        runner = self._runners.get(saga_id)
+        if runner is not None and runner.task is not None:
+            runner.task.cancel()
+
     # -- API operations -----------------------------------------------------------------
 
     async def create(self, saga: Saga) -> tuple[Saga, bool]:
@@ -245,6 +251,8 @@ class SagaCoordinator:
                 await self._compensate(saga)
         except asyncio.CancelledError:
             raise
+        except StoreRefused as exc:  # fenced off: another replica drives this saga now
+            log.warning("saga %s: stopped driving: %s", saga.id, exc)
         except Exception:
             # a store failure: the journal still holds the last committed state,
             # which the next start resumes from

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,8 +74,15 @@ class SagaService:
     async def start(self) -> None:
         await self.store.open()
         await self.coordinator.recover()
+        takeover = getattr(self.store, "run_takeover", None)  # a shared store: scan for expired leases
+        if takeover is not None:
+            self._takeover = asyncio.create_task(takeover(self.coordinator), name="saga-takeover")
 
     async def stop(self) -> None:
+        takeover = getattr(self, "_takeover", None)
+        if takeover is not None:
+            takeover.cancel()
+            await asyncio.gather(takeover, return_exceptions=True)
         await self.coordinator.stop()
         await self.store.close()
 

@@ -53,11 +53,14 @@ class SagaStore(Protocol):
 
 
 def open_store(url: str) -> SagaStore:
-    """`sqlite:///path/to/sagas.db` (`?synchronous=normal` to trade power-loss durability for speed)."""
+    """`sqlite:///path/to/sagas.db` (`?synchronous=normal` to trade power-loss durability for speed),
+    or `postgresql://user@host/db?schema=fender&lease=15s` (see `saga.postgres_store`)."""
     if url.startswith("sqlite:"):
         from saga.sqlite_store import SqliteSagaStore
 
         return SqliteSagaStore.from_url(url)
     if url.startswith(("postgresql:", "postgres:")):
-        raise ValueError("the PostgreSQL saga store is not available in this build yet; use sqlite:///")
+        from saga.postgres_store import PostgresSagaStore  # shared by replicas: leases + fencing
+
+        return PostgresSagaStore.from_url(url)
     raise ValueError(f"unsupported saga store URL {url!r}: use sqlite:///path or postgresql://")

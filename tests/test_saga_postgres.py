@@ -1,0 +1,236 @@
+"""`FENDER_SAGA_STORE=postgresql://...`: schema on open, leases, fencing, takeover after a crash.
+
+Needs PostgreSQL on 127.0.0.1:5432, database `test` (skipped locally without it, a
+failure under FENDER_REQUIRE_SERVICES=1). Each test works in a schema of its own,
+dropped afterwards. `FENDER_TEST_POSTGRES_URL` overrides the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from saga.model import Saga, StepState
+from saga.postgres_store import SCHEMA_VERSION, PostgresSagaStore
+from saga.store import StoreRefused, open_store
+from tests.conftest import require_service
+from tests.support.processes import FenderProcess
+
+DSN = os.environ.get("FENDER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    require_service("postgresql", "127.0.0.1", 5432)
+    import asyncpg
+
+    name = f"fender_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    conn = await asyncpg.connect(DSN)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    finally:
+        await conn.close()
+
+
+def a_saga(saga_id: str) -> Saga:
+    now = time.time()
+    return Saga(
+        id=saga_id, template=None, input={},
+        definition={"steps": [{"name": "one", "action": {"route": "r", "method": "POST", "path": "/"}}]},
+        def_hash="h", status="pending", created_at=now, updated_at=now, deadline_at=None,
+        steps=[StepState("one")],
+    )
+
+
+async def test_schema_is_created_and_versioned_once(schema: str) -> None:
+    import asyncpg
+
+    store = open_store(f"{DSN}?schema={schema}&lease=3s")
+    assert isinstance(store, PostgresSagaStore) and store.lease == 3.0
+    await store.open()
+    await store.close()
+    again = open_store(f"{DSN}?schema={schema}")  # a second start migrates nothing
+    await again.open()
+    assert await again.create(a_saga("s1")) is None
+    await again.close()
+    conn = await asyncpg.connect(DSN)
+    try:
+        versions = [r["version"] for r in await conn.fetch(f"SELECT version FROM {schema}.fender_schema_version")]
+    finally:
+        await conn.close()
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_takeover_after_the_lease_expires_fences_the_old_owner(schema: str) -> None:
+    old = PostgresSagaStore(DSN, schema=schema, lease=0.6)
+    new = PostgresSagaStore(DSN, schema=schema, lease=0.6)
+    await old.open()
+    await new.open()
+    try:
+        saga = a_saga("s1")
+        assert await old.create(saga) is None
+        saga.status = "running"
+        await old.save(saga, [0])
+        await asyncio.sleep(0.7)  # the heartbeat keeps the lease: nothing to take over
+        assert await new.unfinished() == []
+
+        assert old._heartbeat is not None
+        old._heartbeat.cancel()  # the old owner stalls (a GC pause, a partition): no more renewals
+        await asyncio.sleep(0.7)
+        taken = await new.unfinished()
+        assert [s.id for s in taken] == ["s1"] and taken[0].status == "running"
+
+        with pytest.raises(StoreRefused):  # the old owner's next write is refused...
+            await old.save(saga, [0])
+        current = await new.get("s1")
+        assert current is not None and current.status == "running"  # ...and changed nothing
+        taken[0].status = "compensating"
+        await new.save(taken[0], [0])  # the new owner writes
+        current = await old.get("s1")
+        assert current is not None and current.status == "compensating"
+
+        taken[0].status = "compensated"
+        await new.save(taken[0])  # terminal: nobody holds it any more
+        await asyncio.sleep(0.7)
+        assert await old.unfinished() == [] and await new.unfinished() == []
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_a_replica_that_cannot_renew_stops_driving_before_the_lease_runs_out(schema: str) -> None:
+    store = PostgresSagaStore(DSN, schema=schema, lease=0.8)
+    lost: list[tuple[str, float]] = []
+    store.on_lease_lost = lambda saga_id: lost.append((saga_id, time.monotonic()))
+    await store.open()
+    try:
+        started = time.monotonic()
+        assert await store.create(a_saga("s1")) is None
+
+        async def unreachable() -> None:
+            raise OSError("connection refused")
+
+        store.renew = unreachable  # type: ignore[method-assign]
+        await asyncio.sleep(1.0)
+        assert [saga_id for saga_id, _ in lost] == ["s1"]
+        assert lost[0][1] - started < 0.8  # before anyone else may take it over
+    finally:
+        await store.close()
+
+
+# -- two `fender run` replicas ------------------------------------------------------------
+
+CONFIG = """
+version: 1
+routes:
+  - name: shop
+    match: {{host: shop}}
+    upstream: {up}
+"""
+
+
+def saga_body(saga_id: str, slow: bool) -> dict[str, Any]:
+    return {
+        "id": saga_id,
+        "steps": [
+            {"name": "reserve",
+             "action": {"route": "shop", "method": "POST", "path": "/action/reserve"},
+             "compensation": {"route": "shop", "method": "POST", "path": "/compensation/reserve"}},
+            {"name": "charge",
+             "action": {"route": "shop", "method": "POST", "path": "/action/charge" + ("?slow=1" if slow else "")},
+             "compensation": {"route": "shop", "method": "POST", "path": "/compensation/charge"},
+             "timeout": "20s"},
+        ],
+    }
+
+
+class Participant:
+    """One upstream, two ports: the port tells which replica sent a call."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[str, float]]] = defaultdict(list)  # key -> [(replica, when)]
+        self.release = asyncio.Event()
+
+    def app(self, replica: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            self.calls[request.headers["Idempotency-Key"]].append((replica, time.monotonic()))
+            if request.query.get("slow"):
+                try:
+                    await asyncio.wait_for(self.release.wait(), 20)
+                except TimeoutError:
+                    pass
+            return web.json_response({"ok": True}, status=201)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_a_killed_replica_s_sagas_are_finished_by_the_other_and_no_step_is_sent_twice(
+    schema: str, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    participant = Participant()
+    env = {"FENDER_SAGA_STORE": f"{DSN}?schema={schema}", "FENDER_SAGA_LEASE": "2s"}
+    replicas = {}
+    for name in ("a", "b"):
+        server = await aiohttp_server(participant.app(name))
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(CONFIG.format(up=f"http://127.0.0.1:{server.port}"))
+        replicas[name] = FenderProcess(path, tmp_path / f"data-{name}", **env)
+    a, b = replicas["a"], replicas["b"]
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in range(3):
+                async with http.post(f"{a.admin}/v1/sagas", json=saga_body(f"a{i}", slow=True)) as resp:
+                    assert resp.status == 202, await resp.text()
+                async with http.post(f"{b.admin}/v1/sagas", json=saga_body(f"b{i}", slow=False)) as resp:
+                    assert resp.status == 202, await resp.text()
+            deadline = time.monotonic() + 10
+            while not all(f"a{i}:charge:action" in participant.calls for i in range(3)):
+                assert time.monotonic() < deadline, dict(participant.calls)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.5)  # longer than a lease: a's heartbeats must keep b away meanwhile
+            assert not any(k.endswith(":compensation") for k in participant.calls)
+
+            a.terminate(signal.SIGKILL)  # mid-saga: every a-saga has its charge call in flight
+            a.proc.wait(10)
+            killed_at = time.monotonic()
+
+            records = {}
+            deadline = time.monotonic() + 15
+            for saga_id in [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]:
+                while True:
+                    async with http.get(f"{b.admin}/v1/sagas/{saga_id}") as resp:
+                        record = await resp.json()
+                    if record["status"] in ("completed", "compensated", "failed"):
+                        break
+                    assert time.monotonic() < deadline, record
+                    await asyncio.sleep(0.1)
+                records[saga_id] = record
+    finally:
+        participant.release.set()
+        for replica in replicas.values():
+            replica.stop()
+
+    assert {records[f"b{i}"]["status"] for i in range(3)} == {"completed"}
+    assert {records[f"a{i}"]["status"] for i in range(3)} == {"compensated"}  # the in-flight charge was undone
+    senders = {key: {replica for replica, _ in calls} for key, calls in participant.calls.items()}
+    assert all(len(who) == 1 for who in senders.values()), senders  # no call was sent by both replicas
+    for i in range(3):
+        assert senders[f"a{i}:reserve:action"] == senders[f"a{i}:charge:action"] == {"a"}
+        assert senders[f"a{i}:charge:compensation"] == senders[f"a{i}:reserve:compensation"] == {"b"}
+        assert senders[f"b{i}:charge:action"] == {"b"}
+        # taken over only once a's lease could have run out, not at once
+        assert participant.calls[f"a{i}:charge:compensation"][0][1] - killed_at > 1.0
