@@ -205,6 +205,7 @@ async def test_fender_follows_on_backend_error_and_resumes_limits(
     fender = await start_fender(
         ALLOW_DENY.format(up=str(upstream.make_url("")).rstrip("/")),
         redis_url=f"{private_redis.url}?key_prefix={prefix}",
+        assemble=True,  # with telemetry: the backend errors are counted
     )
     # Redis up: the shared limit holds (burst 2, then 429)
     assert await _statuses(http, fender.proxy_url, "allow", 4) == [200, 200, 429, 429]
@@ -216,6 +217,10 @@ async def test_fender_follows_on_backend_error_and_resumes_limits(
     denied = await _statuses(http, fender.proxy_url, "deny", 10)
     assert denied == [429] * 10  # fail closed
     assert time.perf_counter() - started < 2.0  # a dead Redis does not make each request slow
+    async with http.get(fender.metrics_url + "/metrics") as resp:
+        metrics = await resp.text()
+    for route in ("allow", "deny"):
+        assert f'fender_rate_limit_backend_errors_total{{policy="rate_limit",route="{route}"}} 10.0' in metrics
 
     private_redis.start()  # empty: the buckets start full again
     await asyncio.sleep(1.1)  # past the store's retry interval (wall time: a real process)

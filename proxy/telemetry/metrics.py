@@ -24,6 +24,7 @@ from policies.events import (
     BreakerTransitioned,
     BulkheadRejected,
     Event,
+    RateLimitBackendError,
     RateLimitHit,
     RetryBudgetExhausted,
     RetryScheduled,
@@ -99,6 +100,11 @@ class FenderMetrics:
             "fender_rate_limited_total", "Requests over a rate limit (shadow-mode hits included).",
             ("route", "policy"), registry=r,
         )
+        self.rate_limit_backend_errors = Counter(
+            "fender_rate_limit_backend_errors_total",
+            "Requests a shared rate limit backend (Redis) could not decide; on_backend_error did.",
+            ("route", "policy"), registry=r,
+        )
         self.bulkhead_rejected = Counter(
             "fender_bulkhead_rejected_total", "Requests rejected by a full bulkhead.",
             ("route", "policy"), registry=r,
@@ -164,6 +170,8 @@ class FenderMetrics:
             self._bump(self.rate_limited, route, event.policy)
         elif isinstance(event, BulkheadRejected):
             self._bump(self.bulkhead_rejected, route, event.policy)
+        elif isinstance(event, RateLimitBackendError):
+            self._bump(self.rate_limit_backend_errors, route, event.policy)
         elif isinstance(event, RetryBudgetExhausted):
             self._bump(self.retry_budget_exhausted, route)
 
