@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import cpu_seconds, free_port, rss_kib, wait_http
+from bench.profile import profile_target
 from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.saga import run_saga_bench
 from bench.targets import (
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fender-workers", type=int, default=-1,
                         help="also measure `fender run --workers N` (default: 2 when the flag exists)")
     parser.add_argument("--no-saga", action="store_true", help="skip the saga coordinator part")
+    parser.add_argument("--profile", default="", help="also sample these Python targets with py-spy "
+                        "under load at the largest concurrency below 256 (comma separated)")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
     parser.add_argument("--out", type=Path, default=None, help="JSON result file (bench/results/<time>.json)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs of the run")
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 saga = run_saga_bench(workdir, admin_port=fender_full.managed.extra["admin_port"],
                                       proxy_port=fender_full.port, duration=args.duration)
+        profiles = run_profiles(ready, args, concurrencies)
         peak_rss = {t.name: rss_kib(t.managed.pid, peak=True) for t in ready if t.managed}
     finally:
         for target in targets:
@@ -189,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratio,
         "goals": goal_rows,
         "saga": saga,
+        "profiles": profiles,
         "cells": [asdict(c) for c in cells],
     }
+    print_profiles(profiles)
     out = args.out or RESULTS / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -233,6 +239,34 @@ def measure(ready: list[Target], concurrencies: list[int], args: argparse.Namesp
                                   cpu_util=round(cpu / wall, 3) if wall > 0 else None))
         print(f"bench: round {rnd}/{args.rounds} done", file=sys.stderr, flush=True)
     return cells
+
+
+def run_profiles(ready: list[Target], args: argparse.Namespace,
+                 concurrencies: list[int]) -> dict[str, Any]:
+    wanted = [n.strip() for n in args.profile.split(",") if n.strip()]
+    conc = max([c for c in concurrencies if c < 256] or [32])
+    out: dict[str, Any] = {}
+    for target in ready:
+        if target.name in wanted and target.managed is not None:
+            out[target.name] = profile_target(
+                target.name, target.managed.pid, target.url, target.host,
+                duration=max(args.duration, 3), connections=conc, out_dir=RESULTS)
+    for name in wanted:
+        out.setdefault(name, {"error": "not running"})
+    return out
+
+
+def print_profiles(profiles: dict[str, Any]) -> None:
+    for name, prof in profiles.items():
+        print(f"\nprofile of {name}:")
+        if "error" in prof:
+            print(f"  n/a: {prof['error']}")
+            continue
+        print(f"  {prof['samples']} samples at {prof['rps_while_sampled']:.0f} req/s "
+              f"(c={prof['connections']}); stacks in {prof['stacks']}")
+        print("  self %      inclusive %")
+        for (own, own_pct), (inc, inc_pct) in zip(prof["self_pct"], prof["inclusive_pct"], strict=False):
+            print(f"  {own_pct:5.1f} {own[:60]:<60}  {inc_pct:5.1f} {inc[:60]}")
 
 
 def print_report(summary: Any, order: list[str], concurrencies: list[int], idle_rss: dict[str, int],

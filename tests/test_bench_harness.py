@@ -176,3 +176,23 @@ def test_cpu_seconds_of_this_process_grow_with_work() -> None:
     while cpu_seconds(os.getpid()) < before + 0.05 and time.monotonic() < give_up:
         sum(range(10_000))
     assert cpu_seconds(os.getpid()) > before
+
+
+def test_collapsed_stacks_give_self_and_inclusive_shares_per_function() -> None:
+    from bench.profile import parse_collapsed
+
+    stacks = (
+        'process 1:"fender run";run (uvloop/__init__.py:10);handle (proxy/handler.py:42) 30\n'
+        'process 1:"fender run";run (uvloop/__init__.py:10);handle (proxy/handler.py:57);'
+        "send (proxy/h1client.py:9) 50\n"
+        "run (uvloop/__init__.py:10) 20\n"
+        "garbage line\n"
+    )
+    prof = parse_collapsed(stacks, top=3)
+    assert prof["samples"] == 100
+    assert prof["self_pct"][0] == ("send (proxy/h1client.py)", 50.0)
+    # both lines of handle() count as one function, and the process frame is no function
+    assert dict(prof["inclusive_pct"]) == {
+        "run (uvloop/__init__.py)": 100.0, "handle (proxy/handler.py)": 80.0,
+        "send (proxy/h1client.py)": 50.0,
+    }
