@@ -159,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             if fender_full is None or fender_full.managed is None:
                 saga = {"available": False, "reason": "fender-full not running"}
             else:
-                saga = run_saga_bench(workdir, admin_port=fender_full.managed.extra["admin_port"],
-                                      proxy_port=fender_full.port, duration=args.duration)
+                try:
+                    saga = run_saga_bench(workdir, admin_port=fender_full.managed.extra["admin_port"],
+                                          proxy_port=fender_full.port, duration=args.duration)
+                except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                    saga = {"available": False, "reason": f"saga run failed: {str(exc)[:300]}"}
         profiles = run_profiles(ready, args, concurrencies)
         peak_rss = {t.name: rss_kib(t.managed.pid, peak=True) for t in ready if t.managed}
     finally:
@@ -248,9 +251,12 @@ def run_profiles(ready: list[Target], args: argparse.Namespace,
     out: dict[str, Any] = {}
     for target in ready:
         if target.name in wanted and target.managed is not None:
-            out[target.name] = profile_target(
-                target.name, target.managed.pid, target.url, target.host,
-                duration=max(args.duration, 3), connections=conc, out_dir=RESULTS)
+            try:
+                out[target.name] = profile_target(
+                    target.name, target.managed.pid, target.url, target.host,
+                    duration=max(args.duration, 3), connections=conc, out_dir=RESULTS)
+            except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+                out[target.name] = {"error": str(exc)[:300]}
     for name in wanted:
         out.setdefault(name, {"error": "not running"})
     return out
