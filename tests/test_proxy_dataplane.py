@@ -279,3 +279,35 @@ async def test_health_and_readiness_on_metrics_listener(aiohttp_server, start_fe
     fender.app.ready = False
     async with http.get(fender.metrics_url + "/readyz") as resp:
         assert resp.status == 503
+
+
+async def test_max_connections_bounds_the_upstream_pool(aiohttp_server, start_fender, http):
+    peers: set = set()
+    active = 0
+    most = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal active, most
+        peers.add(request.transport.get_extra_info("peername"))
+        active += 1
+        most = max(most, active)
+        await asyncio.sleep(0.05)
+        active -= 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    server = await aiohttp_server(app)
+    fender = await start_fender(f"""
+        routes:
+          - name: small
+            upstream: {{url: "http://127.0.0.1:{server.port}", max_connections: 2}}
+    """)
+
+    async def call():
+        async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+            assert resp.status == 200
+
+    await asyncio.gather(*(call() for _ in range(8)))
+    assert most == 2
+    assert len(peers) == 2  # kept alive and reused, never more than two
