@@ -126,64 +126,69 @@ def openapi_fragment() -> dict[str, Any]:
         "description": "seconds (or a duration such as 5s) to wait for a terminal status; 200 if reached",
         "schema": {"type": "string"},
     }
-    return {
-        "paths": {
-            "/v1/sagas": {
-                "post": {
-                    "summary": "Start a saga (idempotent by id)",
-                    "operationId": "createSaga",
-                    "parameters": [wait],
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SagaRequest")}}},
-                    "responses": {
-                        "202": {**record, "headers": {"Location": {"schema": {"type": "string"}}}},
-                        "200": _json(_ref("SagaRecord"), "already exists with the same definition, or finished within wait"),
-                        "400": error,
-                        "409": error,
-                    },
-                },
-                "get": {
-                    "summary": "List sagas, oldest first",
-                    "operationId": "listSagas",
-                    "parameters": [
-                        {"name": "status", "in": "query", "schema": {"type": "string"},
-                         "description": "one status or a comma-separated list"},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"},
-                         "description": "next_cursor of the previous page"},
-                    ],
-                    "responses": {"200": _json(_ref("SagaPage"), "a page of sagas"), "400": error},
+    paths: dict[str, Any] = {
+        "/v1/sagas": {
+            "post": {
+                "summary": "Start a saga (idempotent by id)",
+                "operationId": "createSaga",
+                "parameters": [wait],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SagaRequest")}}},
+                "responses": {
+                    "202": {**record, "headers": {"Location": {"schema": {"type": "string"}}}},
+                    "200": _json(_ref("SagaRecord"), "already exists with the same definition, or finished within wait"),
+                    "400": error,
+                    "409": error,
                 },
             },
-            "/v1/sagas/{id}": {
-                "get": {
-                    "summary": "One saga",
-                    "operationId": "getSaga",
-                    "parameters": [saga_id, wait],
-                    "responses": {"200": record, "404": error},
-                },
-                "delete": {
-                    "summary": "Forget a finished saga",
-                    "operationId": "deleteSaga",
-                    "parameters": [saga_id],
-                    "responses": {"204": {"description": "deleted"}, "404": error, "409": error},
-                },
-            },
-            "/v1/sagas/{id}/cancel": {
-                "post": {
-                    "summary": "Stop a running saga and compensate it",
-                    "operationId": "cancelSaga",
-                    "parameters": [saga_id, wait],
-                    "responses": {"202": record, "200": record, "404": error, "409": error},
-                },
-            },
-            "/v1/sagas/{id}/retry": {
-                "post": {
-                    "summary": "Retry the parked compensations of a failed saga",
-                    "operationId": "retrySaga",
-                    "parameters": [saga_id, wait],
-                    "responses": {"202": record, "200": record, "404": error, "409": error},
-                },
+            "get": {
+                "summary": "List sagas, oldest first",
+                "operationId": "listSagas",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"type": "string"},
+                     "description": "one status or a comma-separated list"},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                     "description": "next_cursor of the previous page"},
+                ],
+                "responses": {"200": _json(_ref("SagaPage"), "a page of sagas"), "400": error},
             },
         },
+        "/v1/sagas/{id}": {
+            "get": {
+                "summary": "One saga",
+                "operationId": "getSaga",
+                "parameters": [saga_id, wait],
+                "responses": {"200": record, "404": error},
+            },
+            "delete": {
+                "summary": "Forget a finished saga",
+                "operationId": "deleteSaga",
+                "parameters": [saga_id],
+                "responses": {"204": {"description": "deleted"}, "404": error, "409": error},
+            },
+        },
+        "/v1/sagas/{id}/cancel": {
+            "post": {
+                "summary": "Stop a running saga and compensate it",
+                "operationId": "cancelSaga",
+                "parameters": [saga_id, wait],
+                "responses": {"202": record, "200": record, "404": error, "409": error},
+            },
+        },
+        "/v1/sagas/{id}/retry": {
+            "post": {
+                "summary": "Retry the parked compensations of a failed saga",
+                "operationId": "retrySaga",
+                "parameters": [saga_id, wait],
+                "responses": {"202": record, "200": record, "404": error, "409": error},
+            },
+        },
+    }
+    for item in paths.values():
+        for operation in item.values():
+            operation["tags"] = ["sagas"]
+    return {
+        "paths": paths,
         "components": {"schemas": schemas},
+        "tags": [{"name": "sagas", "description": "saga coordinator (compensating multi-step transactions)"}],
     }

@@ -228,3 +228,24 @@ def test_openapi_fragment_names_every_operation() -> None:
     schemas = doc["components"]["schemas"]
     assert {"SagaRequest", "SagaRecord", "SagaPage", "SagaError"} <= set(schemas)
     assert "steps" in schemas["SagaRecord"]["properties"]
+
+
+def test_openapi_fragment_refs_resolve_in_the_admin_document() -> None:
+    from proxy.openapi import openapi_document
+
+    doc = openapi_document()
+    assert doc["paths"]["/v1/sagas"]["post"]["tags"] == ["sagas"]
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+            return own + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    schemas = doc["components"]["schemas"]
+    missing = {r for r in refs(doc) if r.removeprefix("#/components/schemas/") not in schemas}
+    assert missing == set()
+    request = schemas["SagaRequestModel"]
+    assert {"id", "template", "input", "steps", "deadline", "on_recovery"} <= set(request["properties"])
