@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
     from saga.service import SagaService
 
 __all__ = ["saga_routes", "MAX_WAIT", "DEFAULT_LIMIT", "MAX_LIMIT"]
+
+log = logging.getLogger("fender.saga")
 
 MAX_WAIT = 300.0
 DEFAULT_LIMIT = 100
@@ -35,6 +40,25 @@ def _record(saga: Saga, status: int = 200, headers: dict[str, str] | None = None
 
 class _BadQuery(Exception):
     pass
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _store_errors(handler: Handler) -> Handler:
+    """A journal that cannot be read or written is a 503 with a JSON body, not a bare 500."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            log.exception("saga API: %s %s failed", request.method, request.path)
+            return _error(503, "saga_store_unavailable", f"the saga journal failed: {exc}")
+
+    return wrapped
 
 
 def _wait_seconds(request: web.Request) -> float:
@@ -157,10 +181,10 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
         return _record(saga, 200 if saga.terminal else 202)
 
     return [
-        web.post("/v1/sagas", create),
-        web.get("/v1/sagas", list_sagas, allow_head=False),
-        web.get("/v1/sagas/{id}", get, allow_head=False),
-        web.delete("/v1/sagas/{id}", delete),
-        web.post("/v1/sagas/{id}/cancel", cancel),
-        web.post("/v1/sagas/{id}/retry", retry),
+        web.post("/v1/sagas", _store_errors(create)),
+        web.get("/v1/sagas", _store_errors(list_sagas), allow_head=False),
+        web.get("/v1/sagas/{id}", _store_errors(get), allow_head=False),
+        web.delete("/v1/sagas/{id}", _store_errors(delete)),
+        web.post("/v1/sagas/{id}/cancel", _store_errors(cancel)),
+        web.post("/v1/sagas/{id}/retry", _store_errors(retry)),
     ]

@@ -249,3 +249,15 @@ def test_openapi_fragment_refs_resolve_in_the_admin_document() -> None:
     assert missing == set()
     request = schemas["SagaRequestModel"]
     assert {"id", "template", "input", "steps", "deadline", "on_recovery"} <= set(request["properties"])
+
+
+async def test_a_failing_journal_is_a_503_with_a_json_body(api: tuple[TestClient, Env]) -> None:
+    client, env = api
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk I/O error")
+
+    env.service.store.create = broken  # type: ignore[method-assign]
+    resp = await client.post("/v1/sagas", json=saga_body("x"))
+    assert resp.status == 503
+    assert (await resp.json())["error"] == "saga_store_unavailable"
