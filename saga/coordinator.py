@@ -95,6 +95,9 @@ def _error(kind: str, message: str) -> dict[str, str]:
     return {"kind": kind, "message": message}
 
 
+_INTERRUPTED = _error("interrupted", "Fender stopped while this call was in flight; its outcome is unknown")
+
+
 class _Runner:
     """The driving of one saga in this process."""
 
@@ -132,16 +135,10 @@ class SagaCoordinator:
         for saga in await self.store.unfinished():
             if saga.id in self._runners:
                 continue
-            if saga.status in ("pending", "running"):
-                for i, step in enumerate(saga.steps):
-                    if step.status == "running" and saga.spec.on_recovery == "compensate":
-                        step.status = "failed"
-                        step.finished_at = self.clock.wall()
-                        step.error = _error(
-                            "interrupted", "Fender stopped while this call was in flight; its outcome is unknown"
-                        )
-                        await self._begin_compensation(saga, {"step": step.name, **step.error}, (i,))
-                        break
+            if saga.status in ("pending", "running") and saga.spec.on_recovery == "compensate":
+                in_flight = next((s for s in saga.steps if s.status == "running"), None)
+                if in_flight is not None:  # _begin_compensation marks it interrupted
+                    await self._begin_compensation(saga, {"step": in_flight.name, **_INTERRUPTED}, ())
             self._spawn(saga)
             count += 1
         if count:
@@ -289,6 +286,13 @@ class SagaCoordinator:
         for i, step in enumerate(saga.steps):
             if step.status == "pending":
                 step.status = "skipped"
+                touched.add(i)
+            elif step.status == "running":
+                # journaled in flight before a restart and not re-sent since (on_recovery:
+                # compensate, or resume overtaken by the deadline or a cancel): outcome unknown
+                step.status = "failed"
+                step.finished_at = self.clock.wall()
+                step.error = dict(_INTERRUPTED)
                 touched.add(i)
         await self._save(saga, sorted(touched))
 

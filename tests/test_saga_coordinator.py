@@ -438,3 +438,18 @@ async def test_recovery_resumes_a_parked_compensation_only_on_retry(env: Env) ->
     await env.service.coordinator.wait("s1", 10)
     final = await env.service.coordinator.get("s1")
     assert final is not None and final.status == "compensated"
+
+
+async def test_resume_overtaken_by_the_deadline_compensates_the_step_left_in_flight(env: Env) -> None:
+    await _interrupt_at_charge(env, saga_body(on_recovery="resume", deadline="100s"))
+    env.clock.advance(200)  # Fender stayed down past the saga's deadline
+    after = Participant(env.clock)
+    env.service = env.new_service(after)
+    await env.service.start()
+    await env.service.coordinator.wait("s1", 10)
+    record = (await env.service.store.get("s1")).record()  # type: ignore[union-attr]
+    assert record["status"] == "compensated"
+    assert record["error"]["kind"] == "deadline_exceeded"
+    assert after.keys() == expected("s1", "charge:compensation", "reserve:compensation")
+    assert record["steps"][1]["error"]["kind"] == "interrupted"
+    assert [s["status"] for s in record["steps"]] == ["compensated", "compensated", "skipped"]
