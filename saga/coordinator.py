@@ -259,8 +259,12 @@ class SagaCoordinator:
             if self._runners.get(saga.id) is runner:
                 del self._runners[saga.id]
             runner.done.set()
-        if saga.terminal:
-            self.observer.saga_finished(saga.id, saga.status)
+            if saga.terminal:
+                self.observer.saga_finished(saga.id, saga.status)
+            else:  # stopped, fenced off, or the journal failed: no longer driven here
+                stopped = getattr(self.observer, "saga_stopped", None)
+                if stopped is not None:
+                    stopped(saga.id)
 
     async def _save(self, saga: Saga, steps: Iterable[int] = ()) -> None:
         saga.updated_at = self.clock.wall()

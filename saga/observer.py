@@ -4,6 +4,9 @@
 recovered after a restart, or retried after being parked) and `saga_finished`
 when it stops at a terminal status, so started minus finished is the number of
 sagas in progress. `call_started` may add headers (e.g. `traceparent`) to the call.
+An observer may also have `saga_stopped(saga_id)`, told instead of `saga_finished`
+when driving ends without a terminal status (shutdown, another replica took the
+saga over, the journal failed): the saga is no longer in progress here.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class NullSagaObserver:
         pass
 
     def saga_finished(self, saga_id: str, status: str) -> None:
+        pass
+
+    def saga_stopped(self, saga_id: str) -> None:
         pass
 
 

@@ -453,3 +453,21 @@ async def test_resume_overtaken_by_the_deadline_compensates_the_step_left_in_fli
     assert after.keys() == expected("s1", "charge:compensation", "reserve:compensation")
     assert record["steps"][1]["error"]["kind"] == "interrupted"
     assert [s["status"] for s in record["steps"]] == ["compensated", "compensated", "skipped"]
+
+
+async def test_observer_is_told_when_driving_stops_without_a_terminal_status(env: Env) -> None:
+    events: list[tuple[str, str]] = []
+
+    class Recorder(NullSagaObserver):
+        def saga_started(self, saga_id: str) -> None:
+            events.append(("started", saga_id))
+
+        def saga_finished(self, saga_id: str, status: str) -> None:
+            events.append(("finished", status))
+
+        def saga_stopped(self, saga_id: str) -> None:
+            events.append(("stopped", saga_id))
+
+    env.service.set_observer(Recorder())
+    await _interrupt_at_charge(env, saga_body())
+    assert events == [("started", "s1"), ("stopped", "s1")]
