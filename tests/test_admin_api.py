@@ -207,7 +207,8 @@ async def test_openapi_document_describes_the_admin_api(
         assert resp.status == 200
         doc = await resp.json()
     assert doc["openapi"].startswith("3.")
-    for path in ("/config", "/config/reload", "/routes", "/breakers/{name}/reset", "/openapi.json"):
+    for path in ("/config", "/config/reload", "/routes", "/breakers/{name}/reset", "/openapi.json",
+                 "/v1/sagas", "/v1/sagas/{id}"):
         assert path in doc["paths"]
     reload_responses = doc["paths"]["/config/reload"]["post"]["responses"]
     assert {"200", "400", "401", "403"} <= set(reload_responses)

@@ -277,7 +277,8 @@ def test_running_fender_survives_mutated_reloads(running_fender: FenderThread, d
         assert app.runtime.hash == before, "a rejected config never takes effect"
         assert_located([str(e) for e in result.errors])
     admin_host, admin_port = app.addresses["admin"]
-    assert _get(f"http://{admin_host}:{admin_port}/healthz") == 200
+    for view in ("healthz", "config", "routes", "breakers"):
+        assert _get(f"http://{admin_host}:{admin_port}/{view}") == 200, view
     proxy_host, proxy_port = app.addresses["proxy"]
     status = _get(f"http://{proxy_host}:{proxy_port}/v1/x", host="payments")
     assert 200 <= status < 600
