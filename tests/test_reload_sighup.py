@@ -120,3 +120,68 @@ async def test_sighup_reloads_a_running_fender(aiohttp_server: Any, tmp_path: Pa
             _, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"routes[0].name" in stderr, "the rejection is logged"
+
+
+async def test_api_reload_reaches_every_worker(aiohttp_server: Any, tmp_path: Path) -> None:
+    """With --workers 2 only worker 0 serves the admin API; the reload must reach worker 1 too."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/{tail:.*}", hello)
+    upstream = await aiohttp_server(upstream_app)
+    path = tmp_path / "fender.yaml"
+    path.write_text(config("first", upstream.port))
+    proxy, admin, metrics = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "FENDER_PROXY_ADDR": f"127.0.0.1:{proxy}",
+        "FENDER_ADMIN_ADDR": f"127.0.0.1:{admin}",
+        "FENDER_METRICS_ADDR": f"127.0.0.1:{metrics}",
+        "FENDER_DATA_DIR": str(tmp_path / "data"),
+        "FENDER_ACCESS_LOG": "false",
+        "FENDER_CONFIG_WATCH_INTERVAL": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.cli", "run", "--config", str(path), "--workers", "2",
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as admin_http:
+
+            async def ready() -> Any:
+                async with admin_http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    return resp.status == 200
+
+            async def routes_seen(n: int) -> set[str]:
+                seen = set()
+                for _ in range(n):
+                    # a new connection each time, so SO_REUSEPORT spreads them over the workers
+                    async with aiohttp.ClientSession() as http, http.get(
+                        f"http://127.0.0.1:{proxy}/", headers={"Host": "svc"}
+                    ) as resp:
+                        seen.add(resp.headers["x-fender-route"])
+                return seen
+
+            await eventually(ready)
+            await eventually(lambda: _nonempty(routes_seen(1)))
+            path.write_text(config("second", upstream.port))
+            async with admin_http.post(f"http://127.0.0.1:{admin}/config/reload") as resp:
+                assert resp.status == 200
+
+            async def all_second() -> bool:
+                return await routes_seen(40) == {"second"}
+
+            await eventually(all_second, timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.communicate(), 15)
+        except TimeoutError:
+            process.kill()
+            await process.communicate()
+
+
+async def _nonempty(result: Any) -> bool:
+    return bool(await result)
