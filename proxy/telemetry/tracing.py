@@ -103,19 +103,29 @@ class Tracing:
 
     # -- requests ---------------------------------------------------------------------
     def request_span(self, ctx: RequestContext, headers: Any) -> Span:
-        """SERVER span continuing the caller's traceparent (INTERNAL for a saga's in-process call)."""
+        """SERVER span continuing the caller's traceparent (INTERNAL for a saga's in-process call).
+
+        Attributes are built only for a recorded span, and given after the start so
+        the SDK validates them once (the sampler does not look at them).
+        """
         parent = _PROPAGATOR.extract(headers) if "traceparent" in headers else None
         method = ctx.method
+        saga_id = headers.get(_SAGA_HEADER)
+        span = self.tracer.start_span(
+            method if method in _METHODS else "HTTP",
+            context=parent,
+            kind=SpanKind.SERVER if saga_id is None else SpanKind.INTERNAL,
+        )
+        if not span.is_recording():
+            return span
         attributes = _method_attributes(method)
         attributes["fender.route"] = ctx.route
         request = ctx.request
         if request is not None:
             attributes["url.path"] = request.path_qs.partition("?")[0]
-        if _SAGA_HEADER in headers:
-            kind = SpanKind.INTERNAL
-            attributes["fender.saga.id"] = headers[_SAGA_HEADER]
+        if saga_id is not None:
+            attributes["fender.saga.id"] = saga_id
         else:
-            kind = SpanKind.SERVER
             attributes["url.scheme"] = "http"
             host = headers.get("host")
             if host:
@@ -132,41 +142,38 @@ class Tracing:
             agent = headers.get("user-agent")
             if agent:
                 attributes["user_agent.original"] = agent
-        return self.tracer.start_span(
-            attributes["http.request.method"] if method in _METHODS else "HTTP",
-            context=parent,
-            kind=kind,
-            attributes=attributes,
-        )
+        span.set_attributes(attributes)
+        return span
 
     def attempt_span(self, ctx: RequestContext, method: str, url: URL, headers: MutableMapping[str, str]) -> Span:
         """CLIENT span for one upstream attempt; its context goes upstream in `traceparent`."""
-        attributes = _method_attributes(method)
-        attributes["server.address"] = url.raw_host or ""
-        if url.port is not None:
-            attributes["server.port"] = url.port
-        attributes["url.full"] = str(url)
-        attributes["fender.route"] = ctx.route
-        if ctx.attempts > 1:
-            attributes["http.request.resend_count"] = ctx.attempts - 1
         parent = ctx.span
         span = self.tracer.start_span(
-            attributes["http.request.method"] if method in _METHODS else "HTTP",
+            method if method in _METHODS else "HTTP",
             context=trace.set_span_in_context(parent) if parent is not None else None,
             kind=SpanKind.CLIENT,
-            attributes=attributes,
         )
         headers["traceparent"] = format_traceparent(span)
+        if span.is_recording():
+            attributes = _method_attributes(method)
+            attributes["server.address"] = url.raw_host or ""
+            if url.port is not None:
+                attributes["server.port"] = url.port
+            attributes["url.full"] = str(url)
+            if ctx.attempts > 1:
+                attributes["http.request.resend_count"] = ctx.attempts - 1
+            span.set_attributes(attributes)
         return span
 
     @staticmethod
     def attempt_done(span: Span, status: int | None, error: BaseException | None) -> None:
         if span.is_recording():
             if status is not None:
-                span.set_attribute("http.response.status_code", status)
                 if status >= 500:
-                    span.set_attribute("error.type", str(status))
+                    span.set_attributes({"http.response.status_code": status, "error.type": str(status)})
                     span.set_status(Status(StatusCode.ERROR))
+                else:
+                    span.set_attribute("http.response.status_code", status)
             elif error is not None:
                 kind = getattr(error, "kind", None) or type(error).__name__
                 span.set_attribute("error.type", kind)
@@ -176,12 +183,13 @@ class Tracing:
     @staticmethod
     def request_done(span: Span, status: int, outcome: str, attempts: int) -> None:
         if span.is_recording():
-            span.set_attribute("http.response.status_code", status)
-            span.set_attribute("fender.outcome", outcome)
-            span.set_attribute("fender.attempts", attempts)
+            attributes: dict[str, Any] = {
+                "http.response.status_code": status, "fender.outcome": outcome, "fender.attempts": attempts,
+            }
             if status >= 500:
-                span.set_attribute("error.type", outcome if outcome not in ("success", "upstream_error") else str(status))
+                attributes["error.type"] = outcome if outcome not in ("success", "upstream_error") else str(status)
                 span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attributes)
         span.end()
 
     def on_event(self, event: Event, ctx: RequestContext) -> None:
