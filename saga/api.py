@@ -13,6 +13,7 @@ from aiohttp import web
 from config.units import parse_duration
 from saga.coordinator import SagaConflict
 from saga.model import SAGA_STATUSES, Saga
+from saga.store import StoreRefused
 
 if TYPE_CHECKING:
     from saga.service import SagaService
@@ -54,6 +55,8 @@ def _store_errors(handler: Handler) -> Handler:
             return await handler(request)
         except web.HTTPException:
             raise
+        except StoreRefused as exc:  # a shared journal: another replica holds this saga's lease
+            return _error(409, "saga_owned_elsewhere", str(exc))
         except Exception as exc:
             log.exception("saga API: %s %s failed", request.method, request.path)
             return _error(503, "saga_store_unavailable", f"the saga journal failed: {exc}")

@@ -203,6 +203,8 @@ async def test_a_killed_replica_s_sagas_are_finished_by_the_other_and_no_step_is
                 await asyncio.sleep(0.05)
             await asyncio.sleep(2.5)  # longer than a lease: a's heartbeats must keep b away meanwhile
             assert not any(k.endswith(":compensation") for k in participant.calls)
+            async with http.post(f"{b.admin}/v1/sagas/a0/cancel") as resp:  # a holds it: b may not touch it
+                assert resp.status == 409 and (await resp.json())["error"] == "saga_owned_elsewhere"
 
             a.terminate(signal.SIGKILL)  # mid-saga: every a-saga has its charge call in flight
             a.proc.wait(10)
