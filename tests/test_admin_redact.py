@@ -1,0 +1,59 @@
+"""What GET /config must never show, and what it must keep readable."""
+
+from __future__ import annotations
+
+from proxy.redact import REDACTED, redact, redact_url
+
+PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+
+
+def test_urls_lose_only_their_password() -> None:
+    assert redact_url("postgresql://app:s3cret@db:5432/x?sslmode=require") == (
+        f"postgresql://app:{REDACTED}@db:5432/x?sslmode=require"
+    )
+    assert redact_url("https://user@host/path") == "https://user@host/path"  # no password
+    assert redact_url("http://host:8080") == "http://host:8080"
+    assert redact_url("redis://:pw@cache:6379/0") == f"redis://:{REDACTED}@cache:6379/0"
+
+
+def test_secret_keys_and_credential_values_are_replaced_anywhere() -> None:
+    doc = {
+        "routes": [{
+            "name": "payments",
+            "match": {"headers": {"Authorization": "Basic dXNlcjpwYXNz", "x-tenant": "acme"}},
+            "upstream": {"url": "https://svc:pw@payments:8443", "tls": {
+                "verify": True, "ca_file": "/etc/ca.pem", "server_name": "payments",
+                "key": PEM, "cert": "/etc/cert.pem", "passphrase": "p"}},
+            "chain": [
+                {"rate_limit": {"rate": "10/s", "key": "header:x-api-key"}},
+                {"fallback": {"headers": {"X-Api-Key": "k-123", "Set-Cookie": "sid=abc",
+                                          "content-type": "application/json"},
+                              "body": {"token": "t-1", "message": "down"}}},
+            ],
+        }],
+        "sagas": {"order": {"steps": [{"name": "pay", "action": {
+            "route": "payments", "headers": {"x-auth": JWT, "x-trace": "Bearer abc.def"}}}]}},
+        "extra": {"client_secret": "cs", "password": 1234, "session_id": "s", "note": PEM},
+    }
+    out = redact(doc)
+    text = repr(out)
+    for secret in ("dXNlcjpwYXNz", ":pw@", "BEGIN PRIVATE", "k-123", "sid=abc", "t-1", JWT[:20],
+                   "Bearer abc", "'cs'", "1234", "'p'"):
+        assert secret not in text, secret
+    route = out["routes"][0]
+    assert route["match"]["headers"] == {"Authorization": REDACTED, "x-tenant": "acme"}
+    tls = route["upstream"]["tls"]
+    assert tls["verify"] is True and tls["ca_file"] == "/etc/ca.pem" and tls["server_name"] == "payments"
+    assert tls["key"] == REDACTED and tls["passphrase"] == REDACTED
+    # what is configuration, not a secret, stays readable
+    assert route["chain"][0] == {"rate_limit": {"rate": "10/s", "key": "header:x-api-key"}}
+    assert route["chain"][1]["fallback"]["headers"]["content-type"] == "application/json"
+    assert route["chain"][1]["fallback"]["body"]["message"] == "down"
+    assert out["routes"][0]["name"] == "payments"
+    assert doc["extra"]["password"] == 1234, "the input is not modified"
+
+
+def test_names_that_merely_contain_secret_words_as_policy_names_are_kept() -> None:
+    doc = {"policies": {"token-breaker": {"circuit_breaker": {"consecutive_failures": 3}}}}
+    assert redact(doc) == doc
