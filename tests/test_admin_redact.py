@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxy.redact import REDACTED, redact, redact_url
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
@@ -18,7 +20,7 @@ def test_urls_lose_only_their_password() -> None:
 
 
 def test_secret_keys_and_credential_values_are_replaced_anywhere() -> None:
-    doc = {
+    doc: dict[str, Any] = {
         "routes": [{
             "name": "payments",
             "match": {"headers": {"Authorization": "Basic dXNlcjpwYXNz", "x-tenant": "acme"}},
