@@ -24,7 +24,7 @@ from aiohttp import web
 from policies.base import RequestContext
 from policies.circuit_breaker import CircuitBreakerPolicy
 from policies.events import BreakerTransitioned
-from proxy.config_watch import ConfigWatcher, interval_from_env
+from proxy.config_watch import ConfigWatcher, fingerprint, interval_from_env
 from proxy.openapi import openapi_document
 from proxy.redact import redact, redact_url
 
@@ -242,7 +242,10 @@ def install(fender: FenderApp) -> None:
     fender.admin_routes.extend(admin_routes(fender))
     interval = interval_from_env()
     if interval > 0:
-        watcher = ConfigWatcher(fender.config_path, _file_reload(fender), interval=interval)
+        # fingerprinted now, right after the initial load, so an edit before start() is not missed
+        watcher = ConfigWatcher(
+            fender.config_path, _file_reload(fender), interval=interval, seen=fingerprint(fender.config_path)
+        )
         fender.services.append(watcher)
 
 

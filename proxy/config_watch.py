@@ -82,19 +82,21 @@ class ConfigWatcher:
         reload: Callable[[str], Awaitable[Any]],
         *,
         interval: float = DEFAULT_INTERVAL,
+        seen: Fingerprint | None = None,
     ) -> None:
+        """`seen`: the file's fingerprint when the serving config was read (default: at start)."""
         self.path = path
         self.reload = reload
         self.interval = interval
-        self._seen: Fingerprint | None = None
+        self._seen = seen
         self._task: asyncio.Task[None] | None = None
         self.triggered = 0  # reloads this watcher started (for tests and /routes debugging)
 
     async def start(self) -> None:
         if self.interval <= 0 or self._task is not None:
             return
-        # what is serving now was read from the file as it is now
-        self._seen = fingerprint(self.path)
+        if self._seen is None:
+            self._seen = fingerprint(self.path)  # what serves now was read from the file as it is
         self._task = asyncio.create_task(self._run(), name="fender-config-watch")
 
     async def stop(self) -> None:

@@ -339,3 +339,25 @@ async def test_unchanged_policies_keep_tokens_and_budget_changed_ones_start_fres
     assert (await app.reload("api")).ok
     async with http.get(f"{fender.proxy_url}/x", headers={"Host": "pay"}) as resp:
         assert resp.status == 200
+
+
+async def test_an_edit_between_load_and_start_is_not_missed(aiohttp_server: Any, tmp_path: Path) -> None:
+    from config.settings import Settings
+    from proxy.admin_api import install
+    from proxy.app import FenderApp
+
+    up = await Upstream("u").start(aiohttp_server)
+    path = tmp_path / "edited.yaml"
+    path.write_text(route_yaml("first", up.url))
+    app = FenderApp(Settings(config=str(path)))
+    app.load_initial()
+    install(app)
+    path.write_text(route_yaml("second", up.url) + "# longer, so the size differs too\n")
+    watcher = watcher_of(app)
+    watcher.interval = 3600  # polled by hand below
+    await watcher.start()
+    try:
+        assert await watcher.check_now()
+    finally:
+        await watcher.stop()
+    assert "second" in app.runtime.routes
