@@ -135,19 +135,33 @@ def _describe(policy: Any) -> dict[str, Any]:
     return {"kind": getattr(policy, "kind", type(policy).__name__)}
 
 
-def routes_view(runtime: Runtime) -> list[dict[str, Any]]:
-    views: dict[str, dict[str, Any]] = {}
+def route_inflight(fender: FenderApp) -> dict[str, int] | None:
+    """Requests in progress per route, from telemetry's `fender_inflight_requests` gauge.
+
+    None when telemetry is not installed (the data plane keeps no per-route count itself).
+    """
+    gauge = getattr(getattr(getattr(fender, "telemetry", None), "metrics", None), "inflight", None)
+    collect = getattr(gauge, "collect", None)
+    if not callable(collect):
+        return None
+    out: dict[str, int] = {}
+    for family in collect():
+        for sample in family.samples:
+            route = sample.labels.get("route")
+            if route is not None:
+                out[route] = int(sample.value)
+    return out
+
+
+def routes_view(runtime: Runtime, inflight: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    chains: dict[str, list[dict[str, Any]]] = {}
     for name, label, policy, shared, route_name in _policies(runtime):
-        view = views.setdefault(route_name, {"chain": [], "in_flight": None})
         entry = {"label": label, **_describe(policy), "shared": shared}
         if isinstance(policy, CircuitBreakerPolicy):
             entry["breaker"] = name
-        if entry.get("kind") == "bulkhead" and isinstance(entry.get("in_flight"), int):
-            view["in_flight"] = (view["in_flight"] or 0) + entry["in_flight"]
-        view["chain"].append(entry)
+        chains.setdefault(route_name, []).append(entry)
     out = []
     for route in runtime.routes.values():
-        view = views.get(route.name, {"chain": [], "in_flight": None})
         model = route.model
         out.append({
             "name": route.name,
@@ -155,8 +169,8 @@ def routes_view(runtime: Runtime) -> list[dict[str, Any]]:
             "upstream": redact_url(model.upstream.url),
             "strip_prefix": model.strip_prefix,
             "preserve_host": model.preserve_host,
-            "in_flight": view["in_flight"],
-            "chain": view["chain"],
+            "in_flight": None if inflight is None else inflight.get(route.name, 0),
+            "chain": chains.get(route.name, []),
         })
     return out
 
@@ -190,7 +204,11 @@ def admin_routes(fender: FenderApp) -> list[web.RouteDef]:
 
     async def get_routes(request: web.Request) -> web.Response:
         runtime = fender.runtime
-        return _json({"hash": runtime.hash, "in_flight": fender.inflight.count, "routes": routes_view(runtime)})
+        return _json({
+            "hash": runtime.hash,
+            "in_flight": fender.inflight.count,
+            "routes": routes_view(runtime, route_inflight(fender)),
+        })
 
     async def get_breakers(request: web.Request) -> web.Response:
         found = breakers_of(fender.runtime)

@@ -101,7 +101,7 @@ _SCHEMAS: dict[str, Any] = {
             "upstream": {"type": "string"},
             "in_flight": {
                 "type": ["integer", "null"],
-                "description": "requests inside the route's bulkhead now (null without a bulkhead)",
+                "description": "requests of this route in progress now (null without telemetry)",
             },
             "chain": {"type": "array", "items": _ref("PolicyState")},
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import types
 from typing import Any
@@ -14,8 +15,12 @@ from proxy.admin_api import auth_middleware, is_loopback
 from proxy.openapi import openapi_document
 
 
-async def upstream_app(aiohttp_server: Any) -> Any:
+async def upstream_app(aiohttp_server: Any, hold: asyncio.Event | None = None,
+                       held: asyncio.Event | None = None) -> Any:
     async def ok(request: web.Request) -> web.Response:
+        if request.path == "/hold" and hold is not None and held is not None:
+            held.set()
+            await hold.wait()
         return web.Response(text="ok")
 
     async def fail(request: web.Request) -> web.Response:
@@ -131,7 +136,8 @@ async def test_post_reload_answers_ok_or_located_errors_and_keeps_last_good(
 async def test_routes_show_chains_with_live_state(
     start_fender: Any, aiohttp_server: Any, http: aiohttp.ClientSession
 ) -> None:
-    up = await upstream_app(aiohttp_server)
+    hold, held = asyncio.Event(), asyncio.Event()
+    up = await upstream_app(aiohttp_server, hold, held)
     fender = await start_fender(config(up.port), assemble=True)
     api_headers = {"Host": "api", "x-api-key": "k3y-value"}
     for _ in range(2):
@@ -139,23 +145,32 @@ async def test_routes_show_chains_with_live_state(
             assert resp.status == 200
     async with http.get(f"{fender.proxy_url}/fail", headers={"Host": "other"}) as resp:
         assert resp.status == 503  # the fallback answered; the breaker counted the 500
+
+    async def held_request() -> int:
+        async with http.get(f"{fender.proxy_url}/hold", headers=api_headers) as resp:
+            return resp.status
+
+    task = asyncio.create_task(held_request())
+    await asyncio.wait_for(held.wait(), 5)
     async with http.get(f"{fender.admin_url}/routes") as resp:
         assert resp.status == 200
         body = await resp.json()
+    hold.set()
+    assert await task == 200
     routes = {r["name"]: r for r in body["routes"]}
     assert list(routes) == ["api", "other", "creds"]
     api = routes["api"]
     assert [p["kind"] for p in api["chain"]] == ["rate_limit", "bulkhead", "circuit_breaker"]
     limit, bulkhead, breaker = api["chain"]
-    assert 2.9 < limit["tokens"] <= 3.1  # burst 5, two spent, refill of 1/m is negligible
-    assert bulkhead["in_flight"] == 0 and api["in_flight"] == 0
+    assert 1.9 < limit["tokens"] <= 2.1  # burst 5, three spent, refill of 1/m is negligible
+    assert bulkhead["in_flight"] == 1 and api["in_flight"] == 1 and body["in_flight"] == 1
     assert breaker["state"] == "closed" and breaker["shared"] is True
     assert breaker["breaker"] == "shared-breaker"
     assert api["match"]["headers"]["x-api-key"] == "<redacted>"
     assert "hunter2" not in routes["creds"]["upstream"]
     other_breaker = routes["other"]["chain"][0]
     assert other_breaker["state"] == "open" and other_breaker["breaker"] == "other.circuit_breaker"
-    assert routes["other"]["in_flight"] is None
+    assert routes["other"]["in_flight"] == 0
 
 
 async def test_breaker_reset_closes_it_and_unknown_names_are_404(
