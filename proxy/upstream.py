@@ -42,10 +42,14 @@ class Upstream:
 
     def __init__(self, model: UpstreamModel, observer: Any = None) -> None:
         self.model = model
-        self.base = model.url
         url = URL(model.url)
-        self.host_header = url.raw_authority
+        self.base = str(url.with_user(None))  # for messages and spans: never the credentials
         self._prefix = url.raw_path.rstrip("/")  # an upstream URL may carry a base path
+        self.host_header = url.raw_host + (f":{url.explicit_port}" if url.explicit_port else "")
+        # `http://user:pass@host` sends Basic credentials, unless the caller brought its own
+        self._authorization = (
+            aiohttp.BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
+        )
         self._pool: ConnectionPool | None = None
         self._observer = observer
 
@@ -81,6 +85,8 @@ class Upstream:
         if body is not None and not isinstance(body, bytes | bytearray) and ctx.attempts > 1:
             # a streamed body was consumed by the first attempt; the retry policy should not get here
             raise UpstreamReset("request body was streamed and cannot be replayed")
+        if self._authorization is not None and "authorization" not in req.headers:
+            req.headers["Authorization"] = self._authorization
         observer = self._observer
         token = None
         if observer is not None:

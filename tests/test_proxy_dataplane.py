@@ -311,3 +311,21 @@ async def test_max_connections_bounds_the_upstream_pool(aiohttp_server, start_fe
     await asyncio.gather(*(call() for _ in range(8)))
     assert most == 2
     assert len(peers) == 2  # kept alive and reused, never more than two
+
+
+async def test_credentials_in_the_upstream_url_become_basic_auth(aiohttp_server, start_fender, http):
+    recorder = Recorder()
+    server = await aiohttp_server(recorder.app())
+    fender = await start_fender(f"""
+        routes:
+          - name: secret
+            upstream: http://svc:s3cret@127.0.0.1:{server.port}
+    """)
+    async with http.get(fender.proxy_url + "/a", headers={"Host": "x"}) as resp:
+        assert resp.status == 200
+    async with http.get(fender.proxy_url + "/b", headers={"Host": "x", "Authorization": "Bearer mine"}) as resp:
+        assert resp.status == 200
+    first, second = recorder.requests
+    assert first["headers"]["Authorization"] == aiohttp.BasicAuth("svc", "s3cret").encode()
+    assert first["headers"]["Host"] == f"127.0.0.1:{server.port}"  # no credentials in Host
+    assert second["headers"]["Authorization"] == "Bearer mine"
