@@ -45,7 +45,7 @@ class Upstream:
         url = URL(model.url)
         self.base = str(url.with_user(None))  # for messages and spans: never the credentials
         self._prefix = url.raw_path.rstrip("/")  # an upstream URL may carry a base path
-        self.host_header = url.raw_host + (f":{url.explicit_port}" if url.explicit_port else "")
+        self.host_header = (url.raw_host or "") + (f":{url.explicit_port}" if url.explicit_port else "")
         # `http://user:pass@host` sends Basic credentials, unless the caller brought its own
         self._authorization = (
             aiohttp.BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
