@@ -137,8 +137,19 @@ def goals(summary: dict[str, dict[int, Summary]], ratio: dict[str, Any],
         v = ratio["full_over_empty_rps"].get(c)
         add(f"full chain >= 0.95 x empty chain req/s (c={c})", v, None if v is None else v >= 0.95)
     for c in high:
+        # the same goal read from CPU per request: empty/full throughput on a saturated core
+        cpu = ratio.get("full_over_empty_cpu_per_req", {}).get(c)
+        v = None if not cpu else round(1 / cpu, 3)
+        add(f"full chain >= 0.95 x empty chain, by CPU per request (c={c})", v,
+            None if v is None else v >= 0.95)
+    for c in high:
         v = ratio["empty_over_aiohttp_ref_rps"].get(c)
         add(f"empty chain >= 1.0 x bare aiohttp req/s (c={c})", v, None if v is None else v >= 1.0)
+    for c in high:
+        cpu = ratio.get("empty_over_aiohttp_ref_cpu_per_req", {}).get(c)
+        v = None if not cpu else round(1 / cpu, 3)
+        add(f"empty chain >= 1.0 x bare aiohttp, by CPU per request (c={c})", v,
+            None if v is None else v >= 1.0)
     added = ratio.get(f"added_p50_us_at_c{low}", {})
     for target in ("fender-empty", "fender-full"):
         v = added.get(target)
@@ -153,6 +164,11 @@ def goals(summary: dict[str, dict[int, Summary]], ratio: dict[str, Any],
         add(f"moonshot: full chain req/s >= Envoy's (c={c})", v, None if v is None else v >= 1.0)
         lat = ratio["fender_full_over_envoy_p50"].get(c)
         add(f"moonshot: full chain p50 <= Envoy's (c={c})", lat, None if lat is None else lat <= 1.0)
+    for c in high:
+        cpu = ratio.get("fender_full_over_envoy_cpu_per_req", {}).get(c)
+        v = None if not cpu else round(1 / cpu, 3)
+        add(f"moonshot: full chain >= Envoy, by CPU per request (c={c})", v,
+            None if v is None else v >= 1.0)
     return rows
 
 

@@ -294,7 +294,7 @@ def print_report(summary: Any, order: list[str], concurrencies: list[int], idle_
     print("\nratios (medians of rounds):")
     for key, values in ratio.items():
         shown = ", ".join(f"{k}: {'n/a' if v is None else v}" for k, v in values.items())
-        print(f"  {key:<28} {shown}")
+        print(f"  {key:<36} {shown}")
     print("\ngoals of issue 9:")
     for row in goal_rows:
         mark = {True: "met ", False: "MISS", None: "n/a "}[row["met"]]

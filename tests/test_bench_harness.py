@@ -102,6 +102,8 @@ def test_goals_say_met_missed_or_not_measured() -> None:
     rows = {g["goal"]: g for g in goals(summary, ratios(summary, [1, 32]),
                                         {"fender-empty": 50 * 1024, "fender-full": 70 * 1024}, [1, 32])}
     assert rows["full chain >= 0.95 x empty chain req/s (c=32)"]["met"] is True
+    by_cpu = rows["full chain >= 0.95 x empty chain, by CPU per request (c=32)"]
+    assert by_cpu["value"] == pytest.approx(0.975, abs=1e-3) and by_cpu["met"] is True
     assert rows["fender-empty: p50 added over upstream at c=1 <= 150 us"]["met"] is True
     assert rows["fender-full: idle RSS <= 60 MB"] == {
         "goal": "fender-full: idle RSS <= 60 MB", "value": 70.0, "met": False}
