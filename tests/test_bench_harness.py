@@ -3,6 +3,7 @@ config templates. Nothing here is timed and no server is started."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -198,3 +199,29 @@ def test_collapsed_stacks_give_self_and_inclusive_shares_per_function() -> None:
         "run (uvloop/__init__.py)": 100.0, "handle (proxy/handler.py)": 80.0,
         "send (proxy/h1client.py)": 50.0,
     }
+
+
+def test_markdown_of_a_result_lists_targets_goals_and_saga_reason() -> None:
+    from dataclasses import asdict
+
+    from bench.markdown import to_markdown
+
+    summary = summarize(_cells())
+    ratio = ratios(summary, [1, 32])
+    result = {
+        "meta": {"command": "python -m bench.run", "git": "abc123", "date": "2026-11-21",
+                 "cpus": 2, "loadavg_before": 0.1, "rounds": 3, "duration_s": 2,
+                 "concurrency": [1, 32]},
+        "targets": {"upstream": "", "fender-full": "", "traefik": ""},
+        "notes": {"traefik": "missing traefik"},
+        "idle_rss_kib": {"fender-full": 50 * 1024},
+        "summary": {t: {c: asdict(s) for c, s in by.items()} for t, by in summary.items()},
+        "goals": goals(summary, ratio, {}, [1, 32]),
+        "saga": {"available": False, "reason": "no saga API"},
+    }
+    text = to_markdown(json.loads(json.dumps(result)))  # as read back from the results file
+    assert "| fender-full | 8.0k | 170us |" in text
+    assert "| 51us | 50.0 MB |" in text
+    assert "| traefik | n/a |" in text and "(missing traefik)" in text
+    assert "| full chain >= 0.95 x empty chain req/s (c=32) | 0.975 | met |" in text
+    assert "- sagas: n/a (no saga API)" in text
