@@ -188,6 +188,13 @@ class FenderApp:
         return app
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # whatever did start (services, listeners) stops again
+            raise
+
+    async def _start(self) -> None:
         if self.holder is None:
             self.load_initial()
         assert self.holder is not None
@@ -218,9 +225,12 @@ class FenderApp:
     async def _start_runner(self, name: str, runner: web.BaseRunner, addr: str) -> None:
         host, port = split_addr(addr)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.settings.workers > 1, backlog=1024)
-        await site.start()
         self._runners[name] = runner
+        site = web.TCPSite(runner, host, port, reuse_port=self.settings.workers > 1, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(exc.errno, f"{name} listener {addr}: {exc.strerror or exc}") from exc
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
@@ -242,6 +252,9 @@ class FenderApp:
             await asyncio.wait_for(self.inflight.wait_idle(), self.settings.drain_timeout)
         except TimeoutError:
             log.warning("drain timeout passed with requests in flight", extra={"inflight": self.inflight.count})
+        for runner in self._runners.values():
+            # the drain window is spent: cleanup should not wait a second one
+            runner._shutdown_timeout = 0.5  # noqa: SLF001 - aiohttp has no public setter
         await self.stop()
 
     async def stop(self) -> None:

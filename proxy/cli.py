@@ -97,6 +97,9 @@ def _run(config: str | None, workers: int | None) -> int:
         for issue in exc.errors:
             print(str(issue), file=sys.stderr)
         return 1
+    except OSError as exc:  # most often: a listener address already in use
+        print(f"fender: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def _run_loop(settings: object) -> int:

@@ -49,7 +49,7 @@ def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_b
 
 class UpstreamConnection(BaseProtocol):
     __slots__ = ("pool", "_waiter", "_payload", "_should_close", "_body_parser", "_head_parser",
-                 "_received", "reused")
+                 "_received", "reused", "_sent_all")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: ConnectionPool) -> None:
         super().__init__(loop, None)
@@ -62,6 +62,7 @@ class UpstreamConnection(BaseProtocol):
         self._should_close = False
         self._received = False
         self.reused = False
+        self._sent_all = True
 
     @property
     def usable(self) -> bool:
@@ -88,8 +89,10 @@ class UpstreamConnection(BaseProtocol):
             self.close()
             return
         for message, payload in messages:
-            if message.should_close:
-                self._should_close = True
+            if 100 <= message.code < 200 and message.code != 101:
+                continue  # interim responses (100 Continue, 103 Early Hints): the final one follows
+            if message.should_close or not self._sent_all:
+                self._should_close = True  # (an answer before the whole body was sent ends it too)
             self._payload = payload
             waiter, self._waiter = self._waiter, None
             if waiter is None or waiter.done():
@@ -216,8 +219,12 @@ class ConnectionPool:
         try:
             conn = await waiter  # type: ignore[assignment]
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self.release(waiter.result())  # type: ignore[arg-type]
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()
+                if handed is not None:
+                    self.release(handed)  # pass the connection on
+                else:
+                    self._wake_next()  # pass the free slot on
             else:
                 try:
                     self._waiters.remove(waiter)
@@ -276,6 +283,9 @@ class ConnectionPool:
 
     def _slot_freed(self) -> None:
         self._open -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -331,10 +341,21 @@ class ConnectionPool:
                 else:
                     lines.append("Transfer-Encoding: chunked\r\n\r\n")
                 transport.write("".join(lines).encode("utf-8", "surrogateescape"))
-                await _send_stream(conn, body, chunked=length is None)
+                try:
+                    await _send_stream(conn, body, waiter, chunked=length is None)
+                except Exception:
+                    if not waiter.done() or waiter.exception() is not None:
+                        raise
+                    # the upstream answered before taking the whole body (say 413): relay that
+                if waiter.done() and not waiter.exception() and not conn._sent_all:
+                    conn._should_close = True  # the rest of the body was never sent
             message, payload = await waiter
         except BaseException:
             conn.close()  # cancelled or broken mid-exchange: the connection's state is unknown
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: nobody else will look at it
+            else:
+                waiter.cancel()
             raise
         return UpstreamResponse(message, payload, conn)
 
@@ -345,10 +366,17 @@ class ConnectionPool:
 
 
 async def _send_stream(
-    conn: UpstreamConnection, body: AsyncIterator[bytes] | aiohttp.StreamReader, *, chunked: bool
+    conn: UpstreamConnection,
+    body: AsyncIterator[bytes] | aiohttp.StreamReader,
+    answered: asyncio.Future[Any],
+    *,
+    chunked: bool,
 ) -> None:
+    conn._sent_all = False
     iterator = body.iter_any() if isinstance(body, aiohttp.StreamReader) else body
     async for chunk in iterator:
+        if answered.done():
+            return  # a final response arrived: stop sending
         if not chunk:
             continue
         transport = conn.transport
@@ -361,3 +389,4 @@ async def _send_stream(
         await conn.drain()
     if chunked and conn.transport is not None:
         conn.transport.write(b"0\r\n\r\n")
+    conn._sent_all = True

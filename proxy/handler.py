@@ -19,6 +19,7 @@ from policies.base import Outcome, RequestContext
 from policies.errors import FenderError
 from policies.events import EventBus
 from proxy.errors import error_response, rejection_response
+from proxy.h1client import UpstreamResponse
 from proxy.headers import forward_headers, strip_hop_by_hop
 from proxy.observer import NullObserver, RequestObserver
 from proxy.routing import normalize_host
@@ -35,6 +36,7 @@ _CONNECT_MESSAGE = (
 )
 _NO_BODY_STATUSES = frozenset((204, 304))
 _SMALL_BODY = 64 * 1024
+_BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
 class InflightTracker:
@@ -132,7 +134,7 @@ class ProxyHandler:
                 return self._static(outcome, route, ctx)
             if status >= 500:
                 outcome_kind = "upstream_error"
-            response, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind)
+            response, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, started)
             return response
         except asyncio.CancelledError:
             outcome_kind = "client_abort"
@@ -181,22 +183,39 @@ class ProxyHandler:
         route: RouteRuntime,
         ctx: RequestContext,
         outcome_kind: str,
+        started: float,
     ) -> tuple[web.StreamResponse, str]:
-        upstream: aiohttp.ClientResponse = outcome.response
+        upstream: UpstreamResponse = outcome.response
         headers = strip_hop_by_hop(upstream.headers)
         headers["x-fender-route"] = route.name
         headers["x-fender-attempts"] = str(ctx.attempts)
+        content = upstream.content
+        # the route's total timeout also bounds the body (as Envoy's route timeout does)
+        deadline = started + route.body_budget if route.body_budget is not None else None
         length = upstream.content_length
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
             try:
-                body = await upstream.read()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if deadline is None or content.is_eof():
+                    body = await upstream.read()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        body = await upstream.read()
+            except _BODY_ERRORS:
                 upstream.close()
                 return error_response(
                     "upstream_reset", "the upstream broke off the response body", route.name,
                     attempts=ctx.attempts,
                 ), "upstream_reset"
+            except TimeoutError:
+                upstream.close()
+                return error_response(
+                    "timeout", f"the response body did not arrive within {route.body_budget:g}s",
+                    route.name, attempts=ctx.attempts,
+                ), "timeout"
+            except BaseException:
+                upstream.close()  # the client went away: the connection's state is unknown
+                raise
             upstream.release()
             del headers["content-length"]
             return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers), outcome_kind
@@ -204,24 +223,35 @@ class ProxyHandler:
         try:
             await response.prepare(request)
             if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
-                content = upstream.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    await response.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                if deadline is None:
+                    await _copy(content, response)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await _copy(content, response)
+        except _BODY_ERRORS as exc:
             # the upstream broke mid-body: the client must see a broken response, not a short one
             log.debug("upstream reset mid-body on route %s: %s", route.name, exc)
             upstream.close()
             _abort(request)
             return response, "upstream_reset"
-        except (ConnectionError, asyncio.CancelledError):
+        except TimeoutError:
+            upstream.close()
+            _abort(request)
+            return response, "timeout"
+        except BaseException:
             upstream.close()
             raise
         upstream.release()
         await response.write_eof()
         return response, outcome_kind
+
+
+async def _copy(content: aiohttp.StreamReader, response: web.StreamResponse) -> None:
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        await response.write(chunk)
 
 
 def _abort(request: web.BaseRequest) -> None:

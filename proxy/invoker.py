@@ -44,8 +44,9 @@ class ChainInvoker:
         if not path.startswith("/"):
             path = "/" + path
         out: CIMultiDict[str] = strip_hop_by_hop(CIMultiDict(headers))
-        if target.host_header is not None:
-            out["Host"] = target.host_header
+        if target.host_header is not None or "host" not in out:
+            # a saga call has no client Host to preserve: the upstream's authority it is
+            out["Host"] = target.host_header or target.upstream.host_header
         ctx = RequestContext(route, method.upper(), out, client_ip="127.0.0.1", bus=self.app.bus)
         ctx.request = OutboundRequest(method.upper(), path, out, body)
         observer = self.app.observer

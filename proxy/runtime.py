@@ -32,6 +32,7 @@ class RouteRuntime:
     buffer_limit: int  # request-body bytes buffered so that retries can replay them
     strip: int  # characters of path prefix to strip (0 = keep)
     host_header: str | None  # Host sent upstream; None keeps the client's
+    body_budget: float | None  # the outermost timeout: it bounds the response body too
 
 
 @dataclass(slots=True, eq=False)
@@ -67,10 +68,19 @@ def build_runtime(loaded: LoadedConfig, factory: Any, pool: UpstreamPool, bus: E
             buffer_limit=chain.buffer_limit,
             strip=strip,
             host_header=None if route.preserve_host else upstream.host_header,
+            body_budget=_outermost_timeout(policies),
         )
         routes[route.name] = rt
         entries.append((RouteMatcher(route.match), rt))
     return Runtime(loaded=loaded, routes=routes, router=Router(entries))
+
+
+def _outermost_timeout(policies: Sequence[tuple[str, Policy]]) -> float | None:
+    for _, policy in policies:
+        if getattr(policy, "kind", None) == "timeout":
+            duration = getattr(policy, "duration", None)
+            return float(duration) if duration is not None else None
+    return None
 
 
 class RuntimeHolder:

@@ -88,7 +88,20 @@ def prepare(saga: Saga, call: CallModel, step: str, phase: Phase) -> PreparedCal
         del headers[name]
     headers[IDEMPOTENCY_KEY] = f"{saga.id}:{step}:{phase}"
     headers[SAGA_ID_HEADER] = saga.id
+    _refuse_injection(path, headers)
     return PreparedCall(call.route, call.method, path, headers, body)
+
+
+_UNSAFE = str.maketrans("", "", "\r\n\0")
+
+
+def _refuse_injection(path: str, headers: dict[str, str]) -> None:
+    """CR, LF or NUL in a rendered path or header would let input smuggle a request."""
+    if path.translate(_UNSAFE) != path or " " in path:
+        raise TemplateError(f"the rendered path {path!r} contains a space or a control character")
+    for name, value in headers.items():
+        if name.translate(_UNSAFE) != name or value.translate(_UNSAFE) != value or ":" in name:
+            raise TemplateError(f"header {name!r} contains a control character once rendered")
 
 
 def _error(kind: str, message: str) -> dict[str, str]:

@@ -1,0 +1,163 @@
+"""Edge cases of the forwarding path: interim responses, early answers, stalls, pool hand-offs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import aiohttp
+import pytest
+
+from proxy.h1client import ConnectionPool
+from tests.conftest import free_port
+from tests.support.processes import FENDER
+
+
+async def raw_upstream(script):
+    """An upstream that speaks raw bytes: `script(reader, writer, head)` per connection."""
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if await script(reader, writer, head) == "close":
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_interim_103_is_skipped_and_the_final_response_relayed(start_fender, http):
+    async def script(reader, writer, head):
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+
+    server, port = await raw_upstream(script)
+    fender = await start_fender(f"routes: [{{name: hints, upstream: 'http://127.0.0.1:{port}'}}]")
+    for _ in range(2):  # and the connection stays usable
+        async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.text() == "hello"
+    server.close()
+
+
+async def test_early_final_response_to_a_streamed_upload_is_relayed(start_fender, http):
+    async def script(reader, writer, head):
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        return "close"
+
+    server, port = await raw_upstream(script)
+    fender = await start_fender(f"routes: [{{name: small, upstream: 'http://127.0.0.1:{port}'}}]")
+
+    async def body():
+        for _ in range(256):
+            yield b"z" * 65536
+            await asyncio.sleep(0)
+
+    async with http.post(fender.proxy_url + "/upload", data=body(), headers={"Host": "x"}) as resp:
+        assert resp.status == 413
+        assert await resp.text() == "too big!"
+    server.close()
+
+
+async def test_client_leaving_mid_body_does_not_strand_the_only_connection(start_fender, http):
+    async def script(reader, writer, head):
+        if head.startswith(b"GET /stall"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+            await writer.drain()
+            await asyncio.sleep(30)
+            return "close"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    server, port = await raw_upstream(script)
+    fender = await start_fender(
+        f"routes: [{{name: one, upstream: {{url: 'http://127.0.0.1:{port}', max_connections: 1}}}}]"
+    )
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.transport.abort()  # the client gives up while Fender waits for the body
+    await asyncio.sleep(0.1)
+    async with asyncio.timeout(3):
+        async with http.get(fender.proxy_url + "/ok", headers={"Host": "x"}) as resp:
+            assert await resp.text() == "ok"
+    server.close()
+
+
+async def test_route_timeout_bounds_the_response_body(start_fender, http):
+    async def script(reader, writer, head):
+        size = 100 if head.startswith(b"GET /small") else 10_000_000
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * min(size // 2, 100_000))
+        await writer.drain()
+        await asyncio.sleep(30)
+        return "close"
+
+    server, port = await raw_upstream(script)
+    fender = await start_fender(
+        f"routes: [{{name: slow, upstream: 'http://127.0.0.1:{port}', chain: [{{timeout: 300ms}}]}}]"
+    )
+    started = time.monotonic()
+    async with http.get(fender.proxy_url + "/small", headers={"Host": "x"}) as resp:
+        assert resp.status == 504
+        assert resp.headers["x-fender-error"] == "timeout"
+    async with http.get(fender.proxy_url + "/large", headers={"Host": "x"}) as resp:
+        assert resp.status == 200  # the head went out before the body stalled
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert time.monotonic() - started < 3
+    server.close()
+
+
+async def test_a_freed_slot_is_passed_on_when_its_waiter_is_cancelled(monkeypatch):
+    pool = ConnectionPool("127.0.0.1", 9, ssl_context=None, server_hostname=None, connect_timeout=1, limit=1)
+    connected = []
+
+    async def fake_connect():
+        pool._open += 1
+        connected.append(True)
+        return "connection"
+
+    monkeypatch.setattr(pool, "_connect", fake_connect)
+    pool._open = 1  # somebody holds the only connection
+    b = asyncio.ensure_future(pool.acquire())
+    c = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    pool._slot_freed()  # that connection died: B is told to connect
+    b.cancel()  # ... but B gives up in the same tick
+    async with asyncio.timeout(2):
+        assert await c == "connection"
+    assert connected == [True]
+
+
+def test_listener_address_in_use_is_one_line_and_exit_1(tmp_path):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "f.yaml"
+    config.write_text("routes: []\n")
+    env = {
+        "FENDER_PROXY_ADDR": f"127.0.0.1:{port}",
+        "FENDER_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+        "FENDER_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "FENDER_DATA_DIR": str(tmp_path / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run([FENDER, "run", "--config", str(config)], env=env, capture_output=True, text=True, timeout=30)
+    taken.close()
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("fender:")]
+    assert lines and "in use" in lines[0] and str(port) in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
