@@ -209,13 +209,20 @@ class PostgresSagaStore:
 
     async def _heartbeats(self) -> None:
         interval = self.lease / 5
+        failing = False
         while True:
             try:
                 await self.renew()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database is unreachable: the local deadlines decide
-                log.warning("saga lease heartbeat failed: %r", exc)
+                if not failing:  # one line per outage, not one per beat
+                    log.warning("saga lease heartbeat failed (will keep trying): %r", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("saga lease heartbeat works again")
+                failing = False
             self._expire_local()
             now = self.clock.now()
             soonest = min((lease.valid_until for lease in self._held.values()), default=now + interval)

@@ -13,7 +13,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from saga.invoker import RouteResponse
 from saga.model import Saga, StepState
 from saga.postgres_store import SCHEMA_VERSION, PostgresSagaStore
+from saga.service import SagaService
 from saga.store import StoreRefused, open_store
 from tests.conftest import require_service
 from tests.support.processes import FenderProcess
@@ -128,6 +130,77 @@ async def test_a_replica_that_cannot_renew_stops_driving_before_the_lease_runs_o
         assert lost[0][1] - started < 0.8  # before anyone else may take it over
     finally:
         await store.close()
+
+
+class RecordingInvoker:
+    """A replica's route calls, logged as (replica, key, event, time); `/slow` paths hang."""
+
+    def __init__(self, replica: str, log: list[tuple[str, str, str, float]]) -> None:
+        self.replica = replica
+        self.log = log
+
+    def has_route(self, name: str) -> bool:
+        return True
+
+    async def invoke(
+        self, route: str, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+    ) -> RouteResponse:
+        key = headers["Idempotency-Key"]
+        self.log.append((self.replica, key, "sent", time.monotonic()))
+        try:
+            if path.startswith("/slow"):
+                await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.log.append((self.replica, key, "cancelled", time.monotonic()))
+            raise
+        return RouteResponse(201, {}, b"{}")
+
+
+async def test_a_partitioned_replica_stops_its_call_before_another_takes_the_saga_over(schema: str) -> None:
+    log: list[tuple[str, str, str, float]] = []
+    services = {
+        name: SagaService(
+            "postgresql://unused", RecordingInvoker(name, log), dict,
+            store=PostgresSagaStore(DSN, schema=schema, lease=1.0),
+        )
+        for name in ("a", "b")
+    }
+    a, b = services["a"], services["b"]
+    await a.start()
+    await b.start()
+    try:
+        body = saga_body("p1", slow=False)
+        body["steps"][1]["action"]["path"] = "/slow/charge"
+        await a.create(body)
+        deadline = time.monotonic() + 5
+        while not any(key == "p1:charge:action" for _, key, _, _ in log):
+            assert time.monotonic() < deadline, log
+            await asyncio.sleep(0.02)
+
+        async def unreachable(*args: Any) -> Any:
+            raise OSError("no route to host")
+
+        # a loses the database: no renewals, no takeover scans, no writes
+        for method in ("renew", "unfinished", "save", "get"):
+            setattr(a.store, method, unreachable)
+        saga = None
+        while saga is None or not saga.terminal:
+            assert time.monotonic() < deadline + 10, log
+            await asyncio.sleep(0.05)
+            saga = await b.store.get("p1")
+        assert saga.status == "compensated"
+    finally:
+        for service in services.values():
+            await service.stop()
+
+    a_cancelled = next(t for who, key, event, t in log if who == "a" and event == "cancelled")
+    b_first = min(t for who, _, _, t in log if who == "b")
+    assert a_cancelled < b_first  # a gave the saga up before b touched it
+    assert not any(who == "a" and t > b_first for who, _, _, t in log)
+    assert [(who, key) for who, key, event, _ in log if event == "sent"] == [
+        ("a", "p1:reserve:action"), ("a", "p1:charge:action"),
+        ("b", "p1:charge:compensation"), ("b", "p1:reserve:compensation"),
+    ]
 
 
 # -- two `fender run` replicas ------------------------------------------------------------
