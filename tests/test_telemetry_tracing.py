@@ -247,3 +247,26 @@ async def test_no_endpoint_means_no_tracer_and_the_callers_traceparent_goes_thro
     async with http.get(fender.proxy_url + "/", headers={"Host": "x", "traceparent": traceparent}) as resp:
         assert resp.status == 200
     assert got == [traceparent]
+
+
+async def test_unsampled_caller_is_not_recorded_but_its_trace_goes_upstream(otlp, aiohttp_server, start_fender, http):
+    got: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append(request.headers["traceparent"])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    server = await aiohttp_server(app)
+    fender = await start_fender(f"routes:\n  - name: a\n    upstream: http://127.0.0.1:{server.port}\n", assemble=True)
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}) as resp:
+        assert resp.status == 200
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 200
+    await flush(fender)
+    assert got[0].startswith(f"00-{TRACE_ID}-") and got[0].endswith("-00")
+    assert got[0] != f"00-{TRACE_ID}-{PARENT_ID}-00"  # Fender's (unrecorded) span id, not the caller's
+    # only the second request (sampled root) was recorded: its SERVER and CLIENT spans
+    assert sorted(span.kind for _, span in otlp.spans) == [SERVER, CLIENT]
+    assert {hexid(span.trace_id) for _, span in otlp.spans} != {TRACE_ID}

@@ -141,7 +141,9 @@ class FenderMetrics:
         gauge.inc()
 
     def request_finished(self, route: str, method: str, status: int, outcome: str, duration: float) -> None:
-        self._inflight[route].dec()
+        gauge = self._inflight.get(route)
+        if gauge is not None:
+            gauge.dec()
         key = (route, method, status, outcome)
         counter = self._requests.get(key)
         if counter is None:

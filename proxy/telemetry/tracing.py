@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
@@ -80,6 +81,12 @@ class Tracing:
     def __init__(self, provider: TracerProvider, version: str = "") -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("fender", version or None)
+        # with a parent-based sampler (the default, and every `parentbased_*` choice) a child
+        # of an unsampled span is never sampled, so it need not be created at all
+        sampler = provider.sampler
+        self._children_follow_parent = isinstance(sampler, ParentBased) and isinstance(
+            getattr(sampler, "_local_parent_not_sampled", None), type(ALWAYS_OFF)
+        )
         self._event_fields: dict[type, tuple[str, ...]] = {}
         self._sagas: dict[str, Span] = {}
         self._steps: dict[tuple[str, str, str], Span] = {}
@@ -145,9 +152,15 @@ class Tracing:
         span.set_attributes(attributes)
         return span
 
-    def attempt_span(self, ctx: RequestContext, method: str, url: URL, headers: MutableMapping[str, str]) -> Span:
+    def attempt_span(
+        self, ctx: RequestContext, method: str, url: URL, headers: MutableMapping[str, str]
+    ) -> Span | None:
         """CLIENT span for one upstream attempt; its context goes upstream in `traceparent`."""
         parent = ctx.span
+        if parent is not None and self._children_follow_parent and not parent.get_span_context().trace_flags.sampled:
+            # an unsampled request has unsampled attempts: pass its context on, build nothing
+            headers["traceparent"] = format_traceparent(parent)
+            return None
         span = self.tracer.start_span(
             method if method in _METHODS else "HTTP",
             context=trace.set_span_in_context(parent) if parent is not None else None,
