@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from time import perf_counter
 
 import aiohttp
 from aiohttp import web
@@ -86,6 +87,7 @@ class ProxyHandler:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        timer = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
         method = request.method
         if method == "CONNECT":
             return error_response("method_not_allowed", _CONNECT_MESSAGE, status=405, headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"})
@@ -141,7 +143,7 @@ class ProxyHandler:
             status = 499
             raise
         finally:
-            observer.request_finished(ctx, method, path, status, outcome_kind, loop.time() - started)
+            observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
 
     async def _request_body(
         self, request: web.BaseRequest, route: RouteRuntime, ctx: RequestContext
