@@ -270,3 +270,45 @@ async def test_unsampled_caller_is_not_recorded_but_its_trace_goes_upstream(otlp
     # only the second request (sampled root) was recorded: its SERVER and CLIENT spans
     assert sorted(span.kind for _, span in otlp.spans) == [SERVER, CLIENT]
     assert {hexid(span.trace_id) for _, span in otlp.spans} != {TRACE_ID}
+
+
+async def test_a_real_saga_is_traced_and_counted(otlp, aiohttp_server, start_fender, http):
+    async def handle(request: web.Request) -> web.Response:
+        if request.path == "/charge":
+            return web.Response(status=402, text="declined")
+        return web.json_response({"id": "r1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    fender = await start_fender(
+        f"routes: [{{name: shop, match: {{host: shop}}, upstream: 'http://127.0.0.1:{server.port}'}}]",
+        assemble=True,
+    )
+    saga = {"id": "order-9", "steps": [
+        {"name": "reserve", "action": {"route": "shop", "method": "POST", "path": "/reserve"},
+         "compensation": {"route": "shop", "method": "DELETE", "path": "/reserve/r1"}},
+        {"name": "charge", "action": {"route": "shop", "method": "POST", "path": "/charge"}},
+    ]}
+    async with http.post(fender.admin_url + "/v1/sagas?wait=5", json=saga) as resp:
+        record = await resp.json()
+    assert record["status"] == "compensated", record
+    await flush(fender)
+
+    spans = [span for _, span in otlp.spans]
+    [root] = [s for s in spans if s.name == "saga"]
+    assert attrs(root)["fender.saga.id"] == "order-9" and attrs(root)["fender.saga.status"] == "compensated"
+    steps = {s.name: s for s in spans if s.parent_span_id == root.span_id}
+    assert set(steps) == {"saga action reserve", "saga action charge", "saga compensation reserve"}
+    assert attrs(steps["saga action charge"])["fender.saga.outcome"] == "status"
+    assert steps["saga action charge"].status.code == 2
+    routes = [s for s in spans if s.kind == INTERNAL and "fender.route" in attrs(s)]
+    assert sorted(s.parent_span_id for s in routes) == sorted(s.span_id for s in steps.values())
+    assert {s.trace_id for s in spans} == {root.trace_id}
+
+    async with http.get(fender.metrics_url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'fender_sagas_total{status="compensated"} 1.0' in text
+    assert "fender_sagas_in_progress 0.0" in text
+    assert 'fender_saga_step_duration_seconds_count{phase="action"} 2.0' in text
+    assert 'fender_saga_step_duration_seconds_count{phase="compensation"} 1.0' in text
