@@ -20,7 +20,7 @@ from config.policy_models import (
     TimeoutModel,
 )
 
-__all__ = ["warnings"]
+__all__ = ["warnings", "redis_without_url"]
 
 _NON_IDEMPOTENT = ("POST", "PATCH", "CONNECT")
 
@@ -40,18 +40,38 @@ def warnings(config: FenderConfig, *, redis_configured: bool | None = None) -> l
     """Risky orders and settings. `redis_configured=False` also flags `backend: redis`."""
     found: list[ConfigIssue] = []
     seen: set[tuple[str, str]] = set()
-    chains: list[tuple[str, list[_Item]]] = []
-    if config.defaults.chain and any(r.chain is None for r in config.routes):
-        chains.append(("defaults.chain", _resolve(config, config.defaults.chain, "defaults.chain")))
-    for i, route in enumerate(config.routes):
-        if route.chain is not None:
-            chains.append((f"routes[{i}]", _resolve(config, route.chain, f"routes[{i}].chain")))
-    for _, items in chains:
+    for items in _chains(config):
         for issue in _check_chain(items, redis_configured):
             if (issue.loc, issue.msg) not in seen:  # a default chain is reported once
                 seen.add((issue.loc, issue.msg))
                 found.append(issue)
     return found
+
+
+_NO_REDIS = (
+    "{label} uses backend redis but FENDER_REDIS_URL is not set; `fender run` refuses this "
+    "config (a per-replica bucket would admit N times the limit)"
+)
+
+
+def redis_without_url(config: FenderConfig) -> list[ConfigIssue]:
+    """Errors for `backend: redis` rate limits when no Redis is configured."""
+    found: dict[str, ConfigIssue] = {}
+    for items in _chains(config):
+        for item in items:
+            params = item.model.params
+            if isinstance(params, RateLimitModel) and params.backend == "redis":
+                found.setdefault(item.loc, ConfigIssue(item.loc, _NO_REDIS.format(label=item.label)))
+    return list(found.values())
+
+
+def _chains(config: FenderConfig) -> Iterator[list[_Item]]:
+    """Every chain that runs: the default one (when some route uses it) and the routes' own."""
+    if config.defaults.chain and any(r.chain is None for r in config.routes):
+        yield _resolve(config, config.defaults.chain, "defaults.chain")
+    for i, route in enumerate(config.routes):
+        if route.chain is not None:
+            yield _resolve(config, route.chain, f"routes[{i}].chain")
 
 
 def _resolve(config: FenderConfig, chain: Sequence[ChainItem], loc: str) -> list[_Item]:
@@ -102,12 +122,7 @@ def _check_chain(items: list[_Item], redis_configured: bool | None) -> Iterator[
             params = item.model.params
             assert isinstance(params, RateLimitModel)
             if params.backend == "redis" and redis_configured is False:
-                fallback = "allows every request" if params.on_backend_error == "allow" else "refuses every request"
-                yield ConfigIssue(
-                    item.loc,
-                    f"{item.label} uses backend redis but FENDER_REDIS_URL is not set; it "
-                    f"{fallback} (on_backend_error: {params.on_backend_error})",
-                )
+                yield ConfigIssue(item.loc, _NO_REDIS.format(label=item.label))
         if kind == "bulkhead":
             params_b = item.model.params
             assert isinstance(params_b, BulkheadModel)

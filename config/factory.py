@@ -95,7 +95,7 @@ class PolicyFactory:
             policies: list[tuple[str, Policy]] = []
             seen: dict[str, int] = {}
             buffer_limit = 0
-            for index, item in enumerate(items):
+            for item in items:
                 if isinstance(item, str):
                     model = config.policies[item]
                     label = item
@@ -106,7 +106,8 @@ class PolicyFactory:
                     count = seen.get(model.kind, 0) + 1
                     seen[model.kind] = count
                     label = model.kind if count == 1 else f"{model.kind}-{count}"
-                    key = ("inline", route.name, str(index), model.kind, _params(model))
+                    # by label, not index: a policy that only moved in its chain keeps its state
+                    key = ("inline", route.name, label, model.kind, _params(model))
                     scope = f"{route.name}.{label}"
                 policy = built.get(key) or self._built.get(key)
                 if policy is None:

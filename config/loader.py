@@ -136,6 +136,10 @@ def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
             yield ConfigIssue(f"routes[{i}].name", f"duplicate route name {route.name!r} (first at routes[{seen[route.name]}])")
         else:
             seen[route.name] = i
+    for i, route in enumerate(config.routes):
+        ca_file = route.upstream.tls.ca_file
+        if ca_file is not None and not Path(ca_file).is_file():
+            yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"no such file: {ca_file}")
     for j, item in enumerate(config.defaults.chain):
         if isinstance(item, str) and item not in config.policies:
             yield ConfigIssue(f"defaults.chain[{j}]", f"unknown policy {item!r}")

@@ -58,13 +58,14 @@ class UpstreamModel(Frozen):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream {value!r} must be an http:// or https:// URL with a host")
+            # the value is not repeated: it may hold a password, and errors are shown by the admin API
+            raise ValueError("an upstream must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment:
             raise ValueError("an upstream URL takes no query or fragment")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
-            raise ValueError(f"upstream {value!r} has an invalid port") from exc
+            raise ValueError("the upstream URL has an invalid port") from exc
         return value.rstrip("/")
 
 

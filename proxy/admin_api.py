@@ -82,6 +82,7 @@ def is_loopback(address: str | None) -> bool:
 
 def auth_middleware(token: str | None, peer: PeerFn = peer_address) -> Any:
     """Guard mutating calls; `peer` is injectable so tests can play a remote client."""
+    token = (token or "").strip()  # a Secret made with --from-file ends in a newline
     expected = token.encode() if token else None
 
     @web.middleware

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from config.checks import redis_without_url
 from config.loader import ConfigInvalid, ConfigIssue, LoadedConfig, load_file
 from config.settings import Settings, split_addr
 from policies.clock import SYSTEM_CLOCK, Clock
@@ -122,7 +123,14 @@ class FenderApp:
         return runtime
 
     def _build(self, loaded: LoadedConfig) -> Runtime:
+        if self.factory_needs_redis_url():
+            missing = redis_without_url(loaded.config)
+            if missing:
+                raise ConfigInvalid(missing, loaded.source)
         return build_runtime(loaded, self.factory, self.pool, self.bus)
+
+    def factory_needs_redis_url(self) -> bool:
+        return getattr(self.factory, "redis_store", True) is None
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
         """Validate completely, then swap in one assignment; on error keep the last good config."""

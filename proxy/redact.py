@@ -51,9 +51,10 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return REDACTED
-    if parts.password is None:
-        return url
     user, _, host = parts.netloc.rpartition("@")
+    if parts.password is None:
+        # `https://<token>@host`: a user name alone is often the secret
+        return urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
     name = user.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{name}:{REDACTED}@{host}"))
 

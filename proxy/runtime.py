@@ -7,12 +7,13 @@ running keep the `RouteRuntime` they matched, so they finish on their old chain.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.loader import LoadedConfig
+from config.loader import ConfigInvalid, ConfigIssue, LoadedConfig
 from config.models import RouteModel
 from policies.base import Call, Policy, compose
 from policies.events import EventBus
@@ -53,8 +54,14 @@ def build_runtime(loaded: LoadedConfig, factory: Any, pool: UpstreamPool, bus: E
     chains = factory.build(config)
     routes: dict[str, RouteRuntime] = {}
     entries = []
-    for route in config.routes:
+    for i, route in enumerate(config.routes):
         upstream = pool.get(route.upstream)
+        try:
+            upstream.pool  # noqa: B018 - builds the TLS context now, not at the first request
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigInvalid(
+                [ConfigIssue(f"routes[{i}].upstream.tls", f"cannot set up TLS: {exc}")], loaded.source
+            ) from exc
         chain = chains[route.name]
         policies = list(chain.policies)
         call = compose([p for _, p in policies], upstream.send)

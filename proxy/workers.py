@@ -19,34 +19,48 @@ __all__ = ["run_workers"]
 
 
 def run_workers(settings: Settings) -> int:
-    children: list[int] = []
-    for index in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:
-            os.environ["FENDER_WORKER_INDEX"] = str(index)
-            code = _child(settings, index)
-            os._exit(code)
-        children.append(pid)
+    """Fork the workers and watch them: the first one to exit stops them all."""
+    children: dict[int, int] = {}
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
         for child in children:
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
                 pass
 
+    # handlers before forking, so that a signal in the first instants is not lost or fatal
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    for index in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes it over
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.environ["FENDER_WORKER_INDEX"] = str(index)
+            os._exit(_child(settings, index))
+        children[pid] = index
     status = 0
-    for child in children:
-        while True:
-            try:
-                _, code = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        if os.waitstatus_to_exitcode(code) != 0:
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code != 0 or not stopping:
             status = 1
+            if not stopping:
+                # a worker died on its own: a half-running sidecar is worse than a restarted one
+                print(f"fender: worker {index} exited ({exit_code}); stopping the others", file=sys.stderr)
+                forward(signal.SIGTERM, None)
     return status
 
 

@@ -336,7 +336,8 @@ class PostgresSagaStore:
         fence = await self._pool.fetchval(
             f"UPDATE {self._sagas} SET owner = $1, fence = fence + 1,"
             " lease_expires_at = now() + make_interval(secs => $2)"
-            " WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_expires_at < now()) RETURNING fence",
+            " WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_expires_at < now())"
+            " AND status NOT IN ('completed', 'compensated') RETURNING fence",
             self.owner, self.lease, saga_id,
         )
         if fence is None:

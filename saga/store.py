@@ -63,4 +63,5 @@ def open_store(url: str) -> SagaStore:
         from saga.postgres_store import PostgresSagaStore  # shared by replicas: leases + fencing
 
         return PostgresSagaStore.from_url(url)
-    raise ValueError(f"unsupported saga store URL {url!r}: use sqlite:///path or postgresql://")
+    scheme = url.split(":", 1)[0]  # not the whole URL: it may hold a password
+    raise ValueError(f"unsupported saga store URL scheme {scheme!r}: use sqlite:///path or postgresql://")

@@ -68,8 +68,22 @@ def test_redis_backend_without_redis():
     chain = "[{rate_limit: {rate: 10/s, backend: redis}}]"
     assert warn(chain) == []  # unknown whether Redis is configured: say nothing
     found = warn(chain, redis_configured=False)
-    assert len(found) == 1 and "FENDER_REDIS_URL" in found[0][1] and "allows every request" in found[0][1]
+    assert len(found) == 1 and "FENDER_REDIS_URL" in found[0][1] and "refuses this config" in found[0][1]
     assert warn(chain, redis_configured=True) == []
+
+
+def test_redis_without_url_locates_every_redis_backed_limit():
+    from config.checks import redis_without_url
+    from config.loader import load_text
+
+    config = load_text("""
+policies:
+  shared: {rate_limit: {rate: 10/s, backend: redis}}
+routes:
+  - {name: a, upstream: "http://x", chain: [shared, {rate_limit: {rate: 5/s}}]}
+  - {name: b, upstream: "http://x", chain: [{timeout: 1s}, {rate_limit: {rate: 5/s, backend: redis}}]}
+""").config
+    assert [i.loc for i in redis_without_url(config)] == ["routes[0].chain[0]", "routes[1].chain[1]"]
 
 
 def test_default_chain_is_reported_once_at_its_own_location():

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
@@ -329,3 +330,29 @@ async def test_credentials_in_the_upstream_url_become_basic_auth(aiohttp_server,
     assert first["headers"]["Authorization"] == aiohttp.BasicAuth("svc", "s3cret").encode()
     assert first["headers"]["Host"] == f"127.0.0.1:{server.port}"  # no credentials in Host
     assert second["headers"]["Authorization"] == "Bearer mine"
+
+
+async def test_redis_backed_limit_without_redis_url_is_refused(start_fender, tmp_path):
+    from config.loader import ConfigInvalid
+
+    with pytest.raises(ConfigInvalid) as info:
+        await start_fender("""
+            routes:
+              - name: limited
+                upstream: http://127.0.0.1:9
+                chain: [{rate_limit: {rate: 10/s, backend: redis}}]
+        """)
+    assert info.value.errors[0].loc == "routes[0].chain[0]"
+    assert "FENDER_REDIS_URL" in info.value.errors[0].msg
+
+
+async def test_missing_ca_file_is_a_located_config_error(start_fender):
+    from config.loader import ConfigInvalid
+
+    with pytest.raises(ConfigInvalid) as info:
+        await start_fender("""
+            routes:
+              - name: tls
+                upstream: {url: "https://127.0.0.1:9", tls: {ca_file: /nonexistent/ca.pem}}
+        """)
+    assert info.value.errors[0].loc == "routes[0].upstream.tls.ca_file"
