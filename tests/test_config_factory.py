@@ -176,3 +176,11 @@ routes:
     assert chains["a"].policies[0][1].describe()["backend"] == "remote"
     _, chains = build(text, PolicyFactory(clock=FakeClock()))
     assert chains["a"].policies[0][1].describe()["backend"] == "local"
+
+
+def test_an_inline_policy_that_only_moves_in_its_chain_keeps_its_state():
+    factory, first = build()
+    limit = dict(first["payments"].policies)["rate_limit"]
+    # a new policy in front of it shifts every index of the chain
+    _, second = build(CONFIG.replace("      - fallback:", "      - bulkhead: {max_concurrent: 50}\n      - fallback:", 1), factory)
+    assert dict(second["payments"].policies)["rate_limit"] is limit
