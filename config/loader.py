@@ -92,7 +92,8 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
     except yaml.YAMLError as exc:
         raise ConfigInvalid([_yaml_issue(exc)], source) from exc
     if raw is None:
-        raw = {}
+        # most often a file caught half-written by a reload; an explicit `routes: []` is fine
+        raise ConfigInvalid([ConfigIssue("", "the config is empty (write `routes: []` to route nothing)")], source)
     if not isinstance(raw, dict):
         raise ConfigInvalid([ConfigIssue("", "the config must be a YAML mapping")], source)
     try:
