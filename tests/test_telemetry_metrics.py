@@ -197,3 +197,18 @@ def test_bounded_label_words():
 
     assert attempt_result(None, UpstreamUnavailable("x")) == "connect_failure"
     assert attempt_result(None, UpstreamReset("x")) == "reset"
+
+
+def test_histogram_buckets_are_inclusive_and_cumulative():
+    metrics = FenderMetrics()
+    for duration in (0.0005, 0.0007, 31.0):
+        metrics.request_started("r")
+        metrics.request_finished("r", "GET", 200, "success", duration)
+    found = samples(metrics.render()[0].decode())
+    bucket = "fender_request_duration_seconds_bucket"
+    assert value(found, bucket, route="r", le="0.0005") == 1
+    assert value(found, bucket, route="r", le="0.001") == 2
+    assert value(found, bucket, route="r", le="30.0") == 2
+    assert value(found, bucket, route="r", le="+Inf") == 3
+    assert value(found, "fender_request_duration_seconds_sum", route="r") == pytest.approx(31.0012)
+    assert value(found, "fender_inflight_requests", route="r") == 0

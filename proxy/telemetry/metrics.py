@@ -1,30 +1,37 @@
 """Every Prometheus metric Fender exports (SPEC section 9), declared in one place.
 
-Metrics live in their own `CollectorRegistry`, so several Fender apps in one
-process (tests) do not share counters, and nothing else in the process leaks
-into `/metrics`. Label values are bounded: route and policy names come from the
-config, `code` is a status number, `method` is one of the standard methods or
-`OTHER`, and reasons/results/outcomes are fixed words.
+The hot path only bumps numbers in plain dicts keyed by label values: no locks, no
+label validation, no string formatting (everything runs on the event loop's thread,
+and so does the scrape). At scrape time a collector turns them into metric families
+of Fender's own `CollectorRegistry`, together with the state read live: breaker
+states and the loaded config's hash.
 
-Children of labelled metrics are cached in plain dicts keyed by their label
-values, because `labels()` validates and locks on every call.
+Label values are bounded: route and policy names come from the config, `code` is a
+status number, `method` is one of the standard methods or `OTHER`, and
+reasons/results/outcomes/statuses are fixed words.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from policies.events import (
     BreakerTransitioned,
     BulkheadRejected,
     Event,
-    RateLimitBackendError,
     RateLimitHit,
     RetryBudgetExhausted,
     RetryScheduled,
@@ -33,18 +40,47 @@ from policies.events import (
 __all__ = [
     "FenderMetrics",
     "LATENCY_BUCKETS",
+    "METRICS",
     "normalize_method",
     "attempt_result",
+    "breaker_states",
     "BREAKER_STATE_VALUES",
 ]
-
-# `*_created` series double the size of the scrape and nobody here uses them
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # A sidecar adds well under a millisecond; upstream calls and sagas take up to tens of seconds.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+_LE = tuple(floatToGoString(b) for b in LATENCY_BUCKETS) + ("+Inf",)  # type: ignore[no-untyped-call]
+
+# name -> (type, help, labels): the whole list, in exposition order
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fender_requests_total": (
+        "counter", "Requests handled by a route, by final status and outcome.", ("route", "method", "code", "outcome")),
+    "fender_request_duration_seconds": (
+        "histogram", "Time from receiving a request to the end of its response.", ("route",)),
+    "fender_upstream_attempts_total": (
+        "counter", "Calls made to upstreams (first tries and retries), by result.", ("route", "result")),
+    "fender_retries_total": (
+        "counter", "Retries scheduled, by the reason the previous attempt failed.", ("route", "reason")),
+    "fender_retry_budget_exhausted_total": (
+        "counter", "Retries not made because the retry budget was spent.", ("route",)),
+    "fender_circuit_breaker_state": (
+        "gauge", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("route", "policy")),
+    "fender_circuit_breaker_transitions_total": (
+        "counter", "Circuit breaker state changes, by the new state.", ("route", "policy", "to")),
+    "fender_rate_limited_total": (
+        "counter", "Requests over a rate limit (shadow-mode hits included).", ("route", "policy")),
+    "fender_bulkhead_rejected_total": (
+        "counter", "Requests rejected by a full bulkhead.", ("route", "policy")),
+    "fender_inflight_requests": ("gauge", "Requests in progress on a route.", ("route",)),
+    "fender_config_reloads_total": ("counter", "Config reloads, by result.", ("result",)),
+    "fender_config_info": ("gauge", "The config in use (value 1), by its hash.", ("hash",)),
+    "fender_sagas_total": ("counter", "Sagas that reached a terminal status.", ("status",)),
+    "fender_sagas_in_progress": ("gauge", "Sagas being driven by this process.", ()),
+    "fender_saga_step_duration_seconds": (
+        "histogram", "Duration of saga step calls, actions and compensations.", ("phase",)),
+}
 
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 
@@ -69,134 +105,98 @@ def attempt_result(status: int | None, error: BaseException | None) -> str:
     return "cancelled"  # a timeout around the attempt, or the client went away
 
 
+class _Histogram:
+    """Non-cumulative bucket counts and a sum; cumulated when scraped."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1  # le is inclusive: bisect_left
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for le, count in zip(_LE, self.counts, strict=True):
+            total += count
+            out.append((le, float(total)))
+        return out
+
+
 class FenderMetrics:
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "fender_requests_total", "Requests handled by a route, by final status and outcome.",
-            ("route", "method", "code", "outcome"), registry=r,
-        )
-        self.request_duration = Histogram(
-            "fender_request_duration_seconds", "Time from receiving a request to the end of its response.",
-            ("route",), buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream_attempts = Counter(
-            "fender_upstream_attempts_total", "Calls made to upstreams (first tries and retries), by result.",
-            ("route", "result"), registry=r,
-        )
-        self.retries = Counter(
-            "fender_retries_total", "Retries scheduled, by the reason the previous attempt failed.",
-            ("route", "reason"), registry=r,
-        )
-        self.retry_budget_exhausted = Counter(
-            "fender_retry_budget_exhausted_total", "Retries not made because the retry budget was spent.",
-            ("route",), registry=r,
-        )
-        self.breaker_transitions = Counter(
-            "fender_circuit_breaker_transitions_total", "Circuit breaker state changes, by the new state.",
-            ("route", "policy", "to"), registry=r,
-        )
-        self.rate_limited = Counter(
-            "fender_rate_limited_total", "Requests over a rate limit (shadow-mode hits included).",
-            ("route", "policy"), registry=r,
-        )
-        self.rate_limit_backend_errors = Counter(
-            "fender_rate_limit_backend_errors_total",
-            "Requests a shared rate limit backend (Redis) could not decide; on_backend_error did.",
-            ("route", "policy"), registry=r,
-        )
-        self.bulkhead_rejected = Counter(
-            "fender_bulkhead_rejected_total", "Requests rejected by a full bulkhead.",
-            ("route", "policy"), registry=r,
-        )
-        self.inflight = Gauge(
-            "fender_inflight_requests", "Requests in progress on a route.", ("route",), registry=r,
-        )
-        self.config_reloads = Counter(
-            "fender_config_reloads_total", "Config reloads, by result.", ("result",), registry=r,
-        )
-        for result in ("success", "failure"):
-            self.config_reloads.labels(result)
-        self.sagas = Counter(
-            "fender_sagas_total", "Sagas that reached a terminal status.", ("status",), registry=r,
-        )
-        self.sagas_in_progress = Gauge(
-            "fender_sagas_in_progress", "Sagas being driven by this process.", registry=r,
-        )
-        self.saga_step_duration = Histogram(
-            "fender_saga_step_duration_seconds", "Duration of saga step calls, actions and compensations.",
-            ("phase",), buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self._requests: dict[tuple[str, str, int, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._inflight: dict[str, Any] = {}
-        self._attempts: dict[tuple[str, str], Any] = {}
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests: dict[tuple[str, str, int, str], int] = {}  # raw method; normalised when scraped
+        self._durations: dict[str, _Histogram] = {}
+        self._inflight: dict[str, int] = {}
+        self._attempts: dict[tuple[str, int | str], int] = {}  # status, or a word when there was none
+        self._events: dict[tuple[str, ...], int] = {}  # (metric name, *label values)
+        self._reloads = {"success": 0, "failure": 0}
+        self._sagas: dict[str, int] = {}
+        self._sagas_in_progress = 0
+        self._steps: dict[str, _Histogram] = {}
+        self._config_hash: Callable[[], str | None] = lambda: None
+        self._breakers: Callable[[], Iterable[tuple[str, str, str]]] = lambda: ()
+        self.registry.register(_Exposition(self))
 
     # -- the data plane ---------------------------------------------------------------
     def request_started(self, route: str) -> None:
-        gauge = self._inflight.get(route)
-        if gauge is None:
-            gauge = self._inflight[route] = self.inflight.labels(route)
-        gauge.inc()
+        inflight = self._inflight
+        inflight[route] = inflight.get(route, 0) + 1
 
     def request_finished(self, route: str, method: str, status: int, outcome: str, duration: float) -> None:
-        gauge = self._inflight.get(route)
-        if gauge is not None:
-            gauge.dec()
+        inflight = self._inflight
+        if route in inflight:
+            inflight[route] -= 1
         key = (route, method, status, outcome)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(route, normalize_method(method), str(status), outcome)
-        counter.inc()
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
         histogram = self._durations.get(route)
         if histogram is None:
-            histogram = self._durations[route] = self.request_duration.labels(route)
+            histogram = self._durations[route] = _Histogram()
         histogram.observe(duration)
 
     def attempt_finished(self, route: str, status: int | None, error: BaseException | None) -> None:
-        result = attempt_result(status, error)
-        key = (route, result)
-        counter = self._attempts.get(key)
-        if counter is None:
-            counter = self._attempts[key] = self.upstream_attempts.labels(route, result)
-        counter.inc()
+        key = (route, status if status is not None else attempt_result(None, error))
+        attempts = self._attempts
+        attempts[key] = attempts.get(key, 0) + 1
 
     def on_event(self, event: Event, route: str) -> None:
         """Count policy decisions; events that are not counted are ignored."""
         if isinstance(event, RetryScheduled):
-            self._bump(self.retries, route, event.reason)
+            key: tuple[str, ...] = ("fender_retries_total", route, event.reason)
         elif isinstance(event, BreakerTransitioned):
-            self._bump(self.breaker_transitions, route, event.policy, event.to_state)
+            key = ("fender_circuit_breaker_transitions_total", route, event.policy, event.to_state)
         elif isinstance(event, RateLimitHit):
-            self._bump(self.rate_limited, route, event.policy)
+            key = ("fender_rate_limited_total", route, event.policy)
         elif isinstance(event, BulkheadRejected):
-            self._bump(self.bulkhead_rejected, route, event.policy)
-        elif isinstance(event, RateLimitBackendError):
-            self._bump(self.rate_limit_backend_errors, route, event.policy)
+            key = ("fender_bulkhead_rejected_total", route, event.policy)
         elif isinstance(event, RetryBudgetExhausted):
-            self._bump(self.retry_budget_exhausted, route)
-
-    def _bump(self, metric: Counter, *labels: str) -> None:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        child.inc()
+            key = ("fender_retry_budget_exhausted_total", route)
+        else:
+            return
+        events = self._events
+        events[key] = events.get(key, 0) + 1
 
     # -- config and sagas -------------------------------------------------------------
     def config_reloaded(self, ok: bool) -> None:
-        self.config_reloads.labels("success" if ok else "failure").inc()
+        self._reloads["success" if ok else "failure"] += 1
 
     def saga_started(self) -> None:
-        self.sagas_in_progress.inc()
+        self._sagas_in_progress += 1
 
     def saga_finished(self, status: str) -> None:
-        self.sagas_in_progress.dec()
-        self.sagas.labels(status).inc()
+        self._sagas_in_progress -= 1
+        self._sagas[status] = self._sagas.get(status, 0) + 1
 
     def saga_step(self, phase: str, duration: float) -> None:
-        self.saga_step_duration.labels(phase).observe(duration)
+        histogram = self._steps.get(phase)
+        if histogram is None:
+            histogram = self._steps[phase] = _Histogram()
+        histogram.observe(duration)
 
     # -- scrape -----------------------------------------------------------------------
     def add_live_state(
@@ -204,42 +204,73 @@ class FenderMetrics:
         config_hash: Callable[[], str | None],
         breakers: Callable[[], Iterable[tuple[str, str, str]]],
     ) -> None:
-        """State read at scrape time: the loaded config's hash and each breaker's state."""
-        self.registry.register(_LiveState(config_hash, breakers))
+        """State read at scrape time: the loaded config's hash and each breaker's (route, policy, state)."""
+        self._config_hash = config_hash
+        self._breakers = breakers
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE
 
+    def families(self) -> Iterator[Metric]:
+        out = {name: _family(name) for name in METRICS}
 
-class _LiveState(Collector):
-    def __init__(
-        self,
-        config_hash: Callable[[], str | None],
-        breakers: Callable[[], Iterable[tuple[str, str, str]]],
-    ) -> None:
-        self._config_hash = config_hash
-        self._breakers = breakers
+        requests: dict[tuple[str, str, str, str], int] = {}
+        for (route, method, status, outcome), count in self._requests.items():
+            labels = (route, normalize_method(method), str(status), outcome)
+            requests[labels] = requests.get(labels, 0) + count
+        for labels, count in requests.items():
+            out["fender_requests_total"].add_metric(labels, count)
 
-    def describe(self) -> Iterable[Any]:
-        return ()  # the families depend on the live config; nothing to check at registration
+        attempts: dict[tuple[str, str], int] = {}
+        for (route, result), count in self._attempts.items():
+            labels2 = (route, attempt_result(result, None) if isinstance(result, int) else result)
+            attempts[labels2] = attempts.get(labels2, 0) + count
+        for labels2, count in attempts.items():
+            out["fender_upstream_attempts_total"].add_metric(labels2, count)
 
-    def collect(self) -> Iterable[Any]:
-        info = GaugeMetricFamily("fender_config_info", "The config in use (value 1), by its hash.", labels=("hash",))
+        for (name, *event_labels), count in self._events.items():
+            out[name].add_metric(event_labels, count)
+        for route, value in self._inflight.items():
+            out["fender_inflight_requests"].add_metric((route,), value)
+        for route, histogram in self._durations.items():
+            _observe(out["fender_request_duration_seconds"], (route,), histogram)
+        for result, count in self._reloads.items():
+            out["fender_config_reloads_total"].add_metric((result,), count)
         current = self._config_hash()
         if current is not None:
-            info.add_metric((current,), 1.0)
-        yield info
-        state = GaugeMetricFamily(
-            "fender_circuit_breaker_state",
-            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-            labels=("route", "policy"),
-        )
+            out["fender_config_info"].add_metric((current,), 1)
         seen: set[tuple[str, str]] = set()
-        for route, policy, value in self._breakers():
+        for route, policy, state in self._breakers():
             if (route, policy) not in seen:
                 seen.add((route, policy))
-                state.add_metric((route, policy), float(BREAKER_STATE_VALUES.get(value, 0)))
-        yield state
+                out["fender_circuit_breaker_state"].add_metric((route, policy), BREAKER_STATE_VALUES.get(state, 0))
+        for saga_status, count in self._sagas.items():
+            out["fender_sagas_total"].add_metric((saga_status,), count)
+        out["fender_sagas_in_progress"].add_metric((), self._sagas_in_progress)
+        for phase, histogram in self._steps.items():
+            _observe(out["fender_saga_step_duration_seconds"], (phase,), histogram)
+        return iter(out.values())
+
+
+def _family(name: str) -> Any:
+    kind, help_text, labels = METRICS[name]
+    if kind == "counter":
+        return CounterMetricFamily(name, help_text, labels=labels)
+    if kind == "gauge":
+        return GaugeMetricFamily(name, help_text, labels=labels)
+    return HistogramMetricFamily(name, help_text, labels=labels)
+
+
+def _observe(family: Any, labels: tuple[str, ...], histogram: _Histogram) -> None:
+    family.add_metric(labels, histogram.buckets(), histogram.sum)
+
+
+class _Exposition(Collector):
+    def __init__(self, metrics: FenderMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.families()
 
 
 def breaker_states(routes: Mapping[str, Any]) -> Iterable[tuple[str, str, str]]:
