@@ -32,6 +32,7 @@ from policies.events import (
     BreakerTransitioned,
     BulkheadRejected,
     Event,
+    RateLimitBackendError,
     RateLimitHit,
     RetryBudgetExhausted,
     RetryScheduled,
@@ -71,6 +72,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter", "Circuit breaker state changes, by the new state.", ("route", "policy", "to")),
     "fender_rate_limited_total": (
         "counter", "Requests over a rate limit (shadow-mode hits included).", ("route", "policy")),
+    "fender_rate_limit_backend_errors_total": (
+        "counter", "Requests a shared rate limit backend (Redis) could not decide; on_backend_error did.",
+        ("route", "policy")),
     "fender_bulkhead_rejected_total": (
         "counter", "Requests rejected by a full bulkhead.", ("route", "policy")),
     "fender_inflight_requests": ("gauge", "Requests in progress on a route.", ("route",)),
@@ -142,6 +146,14 @@ class FenderMetrics:
         self._breakers: Callable[[], Iterable[tuple[str, str, str]]] = lambda: ()
         self.registry.register(_Exposition(self))
 
+    @property
+    def inflight(self) -> _InflightView:
+        """`fender_inflight_requests` alone, with prometheus_client's `collect()` (GET /routes reads it)."""
+        return _InflightView(self._inflight)
+
+    def inflight_counts(self) -> dict[str, int]:
+        return dict(self._inflight)
+
     # -- the data plane ---------------------------------------------------------------
     def request_started(self, route: str) -> None:
         inflight = self._inflight
@@ -174,6 +186,8 @@ class FenderMetrics:
             key = ("fender_rate_limited_total", route, event.policy)
         elif isinstance(event, BulkheadRejected):
             key = ("fender_bulkhead_rejected_total", route, event.policy)
+        elif isinstance(event, RateLimitBackendError):
+            key = ("fender_rate_limit_backend_errors_total", route, event.policy)
         elif isinstance(event, RetryBudgetExhausted):
             key = ("fender_retry_budget_exhausted_total", route)
         else:
@@ -263,6 +277,17 @@ def _family(name: str) -> Any:
 
 def _observe(family: Any, labels: tuple[str, ...], histogram: _Histogram) -> None:
     family.add_metric(labels, histogram.buckets(), histogram.sum)
+
+
+class _InflightView:
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> list[Metric]:
+        family = _family("fender_inflight_requests")
+        for route, value in self._counts.items():
+            family.add_metric((route,), value)
+        return [family]
 
 
 class _Exposition(Collector):
