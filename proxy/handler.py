@@ -89,14 +89,20 @@ class ProxyHandler:
         started = loop.time()
         timer = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
         method = request.method
-        if method == "CONNECT":
-            return error_response("method_not_allowed", _CONNECT_MESSAGE, status=405, headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"})
         rel = request.rel_url
         path = rel.raw_path
         headers = request.headers
+        if method == "CONNECT":
+            return self._unrouted(request, error_response(
+                "method_not_allowed", _CONNECT_MESSAGE, status=405,
+                headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"},
+            ), "method_not_allowed", path, timer)
         route = self.holder.current.router.match(normalize_host(request.host), path, method, headers)
         if route is None:
-            return error_response("no_route", f"no route matches {method} {request.host}{path}")
+            return self._unrouted(
+                request, error_response("no_route", f"no route matches {method} {request.host}{path}"),
+                "no_route", path, timer,
+            )
         if route.strip:
             path = path[route.strip:] or "/"
             if not path.startswith("/"):
@@ -144,6 +150,14 @@ class ProxyHandler:
             raise
         finally:
             observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
+
+    def _unrouted(
+        self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float
+    ) -> web.Response:
+        """Requests that match no route are still counted and logged (with no route name)."""
+        ctx = RequestContext("", request.method, request.headers, client_ip=request.remote, bus=self.bus)
+        self.observer.request_finished(ctx, request.method, path, response.status, outcome, perf_counter() - timer)
+        return response
 
     async def _request_body(
         self, request: web.BaseRequest, route: RouteRuntime, ctx: RequestContext

@@ -14,7 +14,7 @@ def test_urls_lose_only_their_password() -> None:
     assert redact_url("postgresql://app:s3cret@db:5432/x?sslmode=require") == (
         f"postgresql://app:{REDACTED}@db:5432/x?sslmode=require"
     )
-    assert redact_url("https://user@host/path") == "https://user@host/path"  # no password
+    assert redact_url("https://token@host/path") == "https://<redacted>@host/path"  # a user name alone is often the secret
     assert redact_url("http://host:8080") == "http://host:8080"
     assert redact_url("redis://:pw@cache:6379/0") == f"redis://:{REDACTED}@cache:6379/0"
 

@@ -128,3 +128,13 @@ def test_inbound_trace_id_accepts_only_well_formed_traceparents():
     assert inbound_trace_id({"traceparent": "garbage"}) is None
     assert inbound_trace_id({"traceparent": "00-" + "z" * 32 + "-b7ad6b7169203331-01"}) is None
     assert inbound_trace_id({}) is None
+
+
+async def test_unrouted_requests_are_logged_with_a_null_route(start_fender, http, capsys):
+    fender = await start_fender("routes: []", assemble=True, access_log=True)
+    async with http.get(fender.proxy_url + "/nowhere", headers={"Host": "nobody"}) as resp:
+        assert resp.status == 404
+    await asyncio.sleep(0.05)  # lines are written once per loop tick
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    entry = next(line for line in lines if line["path"] == "/nowhere")
+    assert entry["route"] is None and entry["status"] == 404 and entry["outcome"] == "no_route"

@@ -75,8 +75,9 @@ class AccessLog:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         millis = int((now - second) * 1000)
+        route_json = f'"{route}"' if route else "null"  # no route matched: null
         line = (
-            f'{{"time":"{self._stamp}.{millis:03d}Z","route":"{route}","method":{_json_str(method)},'
+            f'{{"time":"{self._stamp}.{millis:03d}Z","route":{route_json},"method":{_json_str(method)},'
             f'"path":{_json_str(path)},"status":{status},"attempts":{attempts},'
             f'"duration":{duration:.6f},"outcome":"{outcome}",'
             f'"request_id":{"null" if request_id is None else _json_str(request_id)},'
