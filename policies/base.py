@@ -9,6 +9,7 @@ returns an `Outcome` for every upstream response, 5xx included, and raises one o
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from policies.events import Event, EventBus
@@ -107,15 +108,12 @@ class Policy(Protocol):
 
 
 def compose(policies: Sequence[Policy], terminal: Call) -> Call:
-    """Bind a chain once: `policies[0]` is outermost, `terminal` innermost."""
+    """Bind a chain once: `policies[0]` is outermost, `terminal` innermost.
+
+    Each layer is a `partial(policy, inner)`: calling it returns the policy's own
+    coroutine, so a layer costs one coroutine per request, not two.
+    """
     call = terminal
     for policy in reversed(policies):
-        call = _bind(policy, call)
+        call = partial(policy, call)
     return call
-
-
-def _bind(policy: Policy, inner: Call) -> Call:
-    async def bound(ctx: RequestContext) -> Outcome:
-        return await policy(inner, ctx)
-
-    return bound
