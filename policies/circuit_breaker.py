@@ -77,16 +77,18 @@ class CircuitBreakerPolicy:
             outcome = await call(ctx)
         except _UPSTREAM_FAILURES:
             now = self.clock.now()
+            before = machine.generation  # did *this* result move the breaker? (others may have)
             machine.on_error(now - start, now, generation)
-            if machine.generation != generation:
+            if machine.generation != before:
                 self._emit_transition(ctx)
             raise
         except CancelledError:
             now = self.clock.now()
             if ctx.deadline is not None and now >= ctx.deadline:
                 # a timeout outside the breaker cancelled the call: the upstream was too slow
+                before = machine.generation
                 machine.on_error(now - start, now, generation)
-                if machine.generation != generation:
+                if machine.generation != before:
                     self._emit_transition(ctx)
             else:
                 machine.release(generation)  # e.g. the client went away
@@ -94,13 +96,14 @@ class CircuitBreakerPolicy:
         except BaseException:
             machine.release(generation)
             raise
+        before = machine.generation
         if outcome.status in self.failure_statuses:
             now = self.clock.now()
             machine.on_error(now - start, now, generation)
         else:
             now = self.clock.now() if self._timed else start
             machine.on_success(now - start, now, generation)
-        if machine.generation != generation:
+        if machine.generation != before:
             self._emit_transition(ctx)
         return outcome
 

@@ -14,6 +14,7 @@ from time import perf_counter
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from policies.base import Outcome, RequestContext
@@ -121,8 +122,13 @@ class ProxyHandler:
         ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus)
         try:
             body = await self._request_body(request, route, ctx)
-        except ValueError as exc:
-            return error_response("bad_request", str(exc), route.name)
+        except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
+            # the body broke off or was malformed while being buffered for replay: nothing was sent
+            message = f"the request body could not be read: {getattr(exc, 'message', None) or exc}"
+            return self._unrouted(
+                request, error_response("bad_request", message, route.name), "bad_request", path, timer,
+                route=route.name,
+            )
         ctx.request = OutboundRequest(method, path_qs, fwd, body)
         observer = self.observer
         observer.request_started(ctx, headers)
@@ -144,6 +150,7 @@ class ProxyHandler:
             if status >= 500:
                 outcome_kind = "upstream_error"
             response, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, started)
+            status = response.status  # a body that broke off early became a 502 or 504
             return response
         except asyncio.CancelledError:
             outcome_kind = "client_abort"
@@ -153,10 +160,11 @@ class ProxyHandler:
             observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
 
     def _unrouted(
-        self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float
+        self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float,
+        *, route: str = "",
     ) -> web.Response:
-        """Requests that match no route are still counted and logged (with no route name)."""
-        ctx = RequestContext("", request.method, request.headers, client_ip=request.remote, bus=self.bus)
+        """Requests answered before any chain ran are still counted and logged."""
+        ctx = RequestContext(route, request.method, request.headers, client_ip=request.remote, bus=self.bus)
         self.observer.request_finished(ctx, request.method, path, response.status, outcome, perf_counter() - timer)
         return response
 
@@ -170,7 +178,8 @@ class ProxyHandler:
         limit = route.buffer_limit
         length = request.content_length
         if limit and length is not None and length <= limit:
-            return await request.read()
+            # not request.read(): that enforces aiohttp's client_max_size (1 MiB) over max_body
+            return await request.content.readexactly(length) if length else b""
         ctx.replayable = False
         if limit and length is None:
             # chunked: buffer what fits, stream the rest behind it

@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from policies.base import Outcome
 from policies.breaker_state import BreakerState, BreakerStateMachine, CountWindow, TimeWindow
 from policies.circuit_breaker import CircuitBreakerPolicy, expand_statuses
 from policies.errors import BulkheadFull, CircuitOpen, TimedOut, UpstreamReset, UpstreamUnavailable
@@ -270,3 +271,21 @@ async def test_a_timeout_outside_the_breaker_counts_as_a_failure():
         with pytest.raises(TimedOut):
             await chain(make_ctx())
     assert policy.state is OPEN
+
+
+async def test_one_trip_is_one_transition_however_many_calls_were_in_flight():
+    clock = FakeClock()
+    log = EventLog()
+    policy = breaker(clock, consecutive_failures=1, open_for=30)
+    release = asyncio.Event()
+
+    async def slow_500(ctx):
+        await release.wait()
+        return Outcome(500, {})
+
+    calls = [asyncio.ensure_future(policy(slow_500, make_ctx(bus=log.bus))) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*calls)
+    transitions = [e for e in log.events if isinstance(e, BreakerTransitioned)]
+    assert [(t.from_state, t.to_state) for t in transitions] == [("closed", "open")]

@@ -356,3 +356,25 @@ async def test_missing_ca_file_is_a_located_config_error(start_fender):
                 upstream: {url: "https://127.0.0.1:9", tls: {ca_file: /nonexistent/ca.pem}}
         """)
     assert info.value.errors[0].loc == "routes[0].upstream.tls.ca_file"
+
+
+async def test_a_large_max_body_is_buffered_and_replayed(start_fender, http, aiohttp_server):
+    seen: list[int] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        seen.append(len(await request.read()))
+        return web.Response(status=503 if len(seen) == 1 else 200)
+
+    app = web.Application(client_max_size=0)
+    app.router.add_put("/", flaky)
+    server = await aiohttp_server(app)
+    fender = await start_fender(f"""
+        routes:
+          - name: big
+            upstream: http://127.0.0.1:{server.port}
+            chain: [{{retry: {{attempts: 2, on: [5xx], max_body: 4MiB, backoff: {{base: 1ms, max: 1ms}}}}}}]
+    """)
+    async with http.put(fender.proxy_url + "/", data=b"b" * 3_000_000, headers={"Host": "x"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-fender-attempts"] == "2"
+    assert seen == [3_000_000, 3_000_000]

@@ -138,3 +138,26 @@ async def test_unrouted_requests_are_logged_with_a_null_route(start_fender, http
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     entry = next(line for line in lines if line["path"] == "/nowhere")
     assert entry["route"] is None and entry["status"] == 404 and entry["outcome"] == "no_route"
+
+
+def test_only_well_formed_traceparents_give_a_trace_id():
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert inbound_trace_id({"traceparent": good}) == "0af7651916cd43dd8448eb211c80319c"
+    for bad in (
+        "00-0x" + "1" * 30 + "-b7ad6b7169203331-01",  # a 0x prefix is not hex digits
+        "00-" + "0" * 32 + "-b7ad6b7169203331-01",  # all-zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01",  # all-zero parent id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff is invalid
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  # upper case
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033-01",  # short parent id
+    ):
+        assert inbound_trace_id({"traceparent": bad}) is None, bad
+
+
+async def test_unrouted_lines_carry_the_clients_request_id(start_fender, http, capsys):
+    fender = await start_fender("routes: []", assemble=True, access_log=True)
+    async with http.get(fender.proxy_url + "/x", headers={"Host": "nobody", "x-request-id": "abc"}) as resp:
+        assert resp.status == 404
+    await asyncio.sleep(0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert next(line for line in lines if line["path"] == "/x")["request_id"] == "abc"

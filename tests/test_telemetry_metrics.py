@@ -212,3 +212,30 @@ def test_histogram_buckets_are_inclusive_and_cumulative():
     assert value(found, bucket, route="r", le="+Inf") == 3
     assert value(found, "fender_request_duration_seconds_sum", route="r") == pytest.approx(31.0012)
     assert value(found, "fender_inflight_requests", route="r") == 0
+
+
+def test_a_saga_stopped_without_a_terminal_status_leaves_the_in_progress_gauge():
+    metrics = FenderMetrics()
+    saga = SagaTelemetry(metrics, None)
+    saga.saga_started("s1")
+    saga.saga_stopped("s1")  # journal error, shutdown or lease lost: driving ended
+    found = samples(metrics.render()[0].decode())
+    assert value(found, "fender_sagas_in_progress") == 0
+
+
+async def test_a_body_that_breaks_off_is_counted_with_the_status_the_client_got(start_fender, http):
+    async def half(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabcde")
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{port}'}}]", assemble=True)
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 502
+    found = samples(await scrape(http, fender.metrics_url))
+    assert value(found, "fender_requests_total", route="r", method="GET", code="502", outcome="upstream_reset") == 1
+    assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="upstream_reset") is None
+    server.close()

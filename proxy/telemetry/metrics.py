@@ -202,6 +202,9 @@ class FenderMetrics:
     def saga_started(self) -> None:
         self._sagas_in_progress += 1
 
+    def saga_stopped(self) -> None:
+        self._sagas_in_progress -= 1
+
     def saga_finished(self, status: str) -> None:
         self._sagas_in_progress -= 1
         self._sagas[status] = self._sagas.get(status, 0) + 1

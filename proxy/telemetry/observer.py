@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -17,17 +18,21 @@ from proxy.telemetry.tracing import Tracing, trace_id_of
 __all__ = ["TelemetryObserver", "SagaTelemetry", "inbound_trace_id"]
 
 
+# W3C trace-context: version-traceid-parentid-flags, lower-case hex, all-zero ids invalid
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
 def inbound_trace_id(headers: Mapping[str, str]) -> str | None:
     """The trace id of the caller's W3C traceparent (`00-<trace id>-<span id>-<flags>`), if well formed."""
     value = headers.get("traceparent")
-    if value is None or len(value) < 55 or value[2] != "-" or value[35] != "-":
+    if value is None:
         return None
-    trace_id = value[3:35].lower()
-    try:
-        int(trace_id, 16)
-    except ValueError:
+    match = _TRACEPARENT.match(value.strip())
+    if match is None or match.group(1) == "ff" or match.group(2) == _ZERO_TRACE or match.group(3) == _ZERO_SPAN:
         return None
-    return trace_id
+    return match.group(2)
 
 
 class TelemetryObserver:
@@ -70,7 +75,9 @@ class TelemetryObserver:
         if access_log is not None:
             trace_id = trace_id_of(span) if span is not None else inbound_trace_id(ctx.headers)
             request = ctx.request
-            request_id = request.headers.get("x-request-id") if request is not None else None
+            # unrouted requests have no outbound request: the client's own id, if any
+            headers = request.headers if request is not None else ctx.headers
+            request_id = headers.get("x-request-id")
             access_log.log(ctx.route, method, path, status, ctx.attempts, duration, outcome, request_id, trace_id)
 
     def on_event(self, event: Event, ctx: RequestContext) -> None:
@@ -108,3 +115,9 @@ class SagaTelemetry:
         self.metrics.saga_finished(status)
         if self.tracing is not None:
             self.tracing.saga_finished(saga_id, status)
+
+    def saga_stopped(self, saga_id: str) -> None:
+        """Driving ended without a terminal status (shutdown, journal error, lease lost)."""
+        self.metrics.saga_stopped()
+        if self.tracing is not None:
+            self.tracing.saga_stopped(saga_id)

@@ -257,6 +257,12 @@ class Tracing:
                 span.set_status(Status(StatusCode.ERROR, status))
             span.end()
 
+    def saga_stopped(self, saga_id: str) -> None:
+        span = self._sagas.pop(saga_id, None)
+        if span is not None:
+            span.set_attribute("fender.saga.stopped", True)
+            span.end()
+
     # -- lifecycle ----------------------------------------------------------------------
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         return self.provider.force_flush(timeout_millis)
