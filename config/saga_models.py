@@ -131,13 +131,23 @@ class StepModel(Frozen):
 OnRecovery = Literal["compensate", "resume"]
 
 
+def _some_steps(steps: tuple[StepModel, ...] | None) -> tuple[StepModel, ...] | None:
+    # not Field(min_length=1): pydantic checks that on the steps that validated, so one
+    # invalid step also reported a bogus "steps: at least 1 item" beside its own error
+    if steps is not None and not steps:
+        raise ValueError("give at least one step")
+    return steps
+
+
 class SagaTemplateModel(Frozen):
     """A saga under `sagas:` in the config; also the normalised definition a saga runs."""
 
-    steps: tuple[StepModel, ...] = Field(min_length=1, max_length=100)
+    steps: tuple[StepModel, ...] = Field(max_length=100, json_schema_extra={"minItems": 1})
     deadline: Duration | None = Field(None, gt=0)
     on_recovery: OnRecovery = "compensate"
     compensation_retry: CompensationRetryModel = CompensationRetryModel()
+
+    _steps = field_validator("steps")(_some_steps)
 
     def issues(self, route_exists: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:
         return list(definition_issues(self.steps, route_exists))
@@ -149,10 +159,12 @@ class SagaRequestModel(Frozen):
     id: str | None = Field(None, pattern=SAGA_ID_PATTERN)
     template: str | None = None
     input: dict[str, Any] = Field(default_factory=dict)
-    steps: tuple[StepModel, ...] | None = Field(None, min_length=1, max_length=100)
+    steps: tuple[StepModel, ...] | None = Field(None, max_length=100, json_schema_extra={"minItems": 1})
     deadline: Duration | None = Field(None, gt=0)
     on_recovery: OnRecovery | None = None
     compensation_retry: CompensationRetryModel | None = None
+
+    _steps = field_validator("steps")(_some_steps)
 
     @model_validator(mode="after")
     def _source(self) -> SagaRequestModel:

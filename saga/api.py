@@ -13,7 +13,7 @@ from aiohttp import web
 from config.units import parse_duration
 from saga.coordinator import SagaConflict
 from saga.model import SAGA_STATUSES, Saga
-from saga.store import StoreRefused
+from saga.store import SagaGone, StoreRefused
 
 if TYPE_CHECKING:
     from saga.service import SagaService
@@ -55,6 +55,8 @@ def _store_errors(handler: Handler) -> Handler:
             return await handler(request)
         except web.HTTPException:
             raise
+        except SagaGone as exc:  # deleted while this request was working on it
+            return _error(404, "not_found", str(exc))
         except StoreRefused as exc:  # a shared journal: another replica holds this saga's lease
             return _error(409, "saga_owned_elsewhere", str(exc))
         except Exception as exc:
@@ -122,7 +124,10 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
         try:
             page = await service.store.page(status, limit, query.get("cursor") or None)
         except ValueError as exc:
-            return _error(400, "bad_request", f"cursor: {exc}")
+            return _error(
+                400, "invalid_cursor", f"cursor: {exc}; use a next_cursor as returned, or none for the first page",
+                errors=[{"loc": "cursor", "msg": str(exc)}],
+            )
         running = coordinator.running()
         items = [(running.get(s.id) or s).record() for s in page.items]
         return web.json_response({"items": items, "next_cursor": page.next_cursor}, dumps=_dumps)
@@ -142,7 +147,7 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
 
     async def delete(request: web.Request) -> web.Response:
         saga_id = request.match_info["id"]
-        if saga_id in coordinator.running():
+        if coordinator.busy(saga_id):  # driven (or about to be, e.g. by a retry): not ours to delete
             return _error(409, "saga_not_terminal", f"saga {saga_id!r} is still running; cancel it first")
         result = await service.store.delete(saga_id)
         if result == "not_found":

@@ -21,7 +21,7 @@ from policies.errors import FenderError
 from saga.invoker import RouteInvoker, RouteResponse, UnknownRoute
 from saga.model import Compensation, Saga
 from saga.observer import NULL_OBSERVER, Phase, SagaObserver
-from saga.store import SagaStore, StoreRefused
+from saga.store import SagaGone, SagaStore, StoreRefused
 from saga.template import TemplateError, quote_path_value, render_text, render_value
 
 __all__ = ["SagaCoordinator", "SagaConflict", "PreparedCall", "response_record"]
@@ -138,6 +138,9 @@ class SagaCoordinator:
         self.clock = clock
         self.observer = observer
         self._runners: dict[str, _Runner] = {}
+        # sagas an operation is about to drive (between its first await and _spawn):
+        # claimed before any await, so two requests never both start driving one saga
+        self._reserved: set[str] = set()
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -146,13 +149,19 @@ class SagaCoordinator:
         """Resume every non-terminal saga in the journal; returns how many."""
         count = 0
         for saga in await self.store.unfinished():
-            if saga.id in self._runners:
+            if self.busy(saga.id):
                 continue
-            if saga.status in ("pending", "running") and saga.spec.on_recovery == "compensate":
-                in_flight = next((s for s in saga.steps if s.status == "running"), None)
-                if in_flight is not None:  # _begin_compensation marks it interrupted
-                    await self._begin_compensation(saga, {"step": in_flight.name, **_INTERRUPTED}, ())
-            self._spawn(saga)
+            self._reserved.add(saga.id)
+            try:
+                if saga.status in ("pending", "running") and saga.spec.on_recovery == "compensate":
+                    in_flight = next((s for s in saga.steps if s.status == "running"), None)
+                    if in_flight is not None:  # _begin_compensation marks it interrupted
+                        await self._begin_compensation(saga, {"step": in_flight.name, **_INTERRUPTED}, ())
+                self._spawn(saga)
+            except SagaGone:
+                continue
+            finally:
+                self._reserved.discard(saga.id)
             count += 1
         if count:
             log.info("resumed %d unfinished saga(s)", count)
@@ -172,6 +181,10 @@ class SagaCoordinator:
         runner = self._runners.get(saga_id)
         if runner is not None and runner.task is not None:
             runner.task.cancel()
+
+    def busy(self, saga_id: str) -> bool:
+        """Driven here, or about to be: such a saga must not be deleted or started again."""
+        return saga_id in self._runners or saga_id in self._reserved
 
     # -- API operations -----------------------------------------------------------------
 
@@ -201,15 +214,25 @@ class SagaCoordinator:
     async def cancel(self, saga_id: str) -> Saga | None:
         runner = self._runners.get(saga_id)
         if runner is None:
-            saga = await self.store.get(saga_id)
-            if saga is None:
-                return None
-            if saga.terminal:
-                raise SagaConflict(f"saga {saga_id!r} is already {saga.status}")
-            # journaled but not driven here (should not happen): compensate it now
-            await self._begin_compensation(saga, {"step": None, **_error("cancelled", "cancelled by request")}, ())
-            self._spawn(saga)
-            return saga
+            if saga_id in self._reserved:
+                raise SagaConflict(f"saga {saga_id!r} is being started by another request; try again")
+            self._reserved.add(saga_id)
+            try:
+                saga = await self.store.get(saga_id)
+                if saga is None:
+                    return None
+                if saga.terminal:
+                    raise SagaConflict(f"saga {saga_id!r} is already {saga.status}")
+                # journaled but not driven here (should not happen): compensate it now
+                error = {"step": None, **_error("cancelled", "cancelled by request")}
+                try:
+                    await self._begin_compensation(saga, error, ())
+                except SagaGone:
+                    return None
+                self._spawn(saga)
+                return saga
+            finally:
+                self._reserved.discard(saga_id)
         saga = runner.saga
         if saga.status in ("pending", "running"):
             runner.cancel_requested = True
@@ -231,15 +254,24 @@ class SagaCoordinator:
             if runner.saga.status != "failed":
                 raise SagaConflict(f"saga {saga_id!r} is {runner.saga.status}; only a failed saga can be retried")
             await runner.done.wait()  # it is being parked right now
-        saga = await self.store.get(saga_id)
-        if saga is None:
-            return None
-        if saga.status != "failed" or saga_id in self._runners:
-            raise SagaConflict(f"saga {saga_id!r} is {saga.status}; only a failed saga can be retried")
-        saga.status = "compensating"
-        await self._save(saga)
-        self._spawn(saga)
-        return saga
+        if self.busy(saga_id):  # another retry got here first
+            raise SagaConflict(f"saga {saga_id!r} is already being retried or driven")
+        self._reserved.add(saga_id)
+        try:
+            saga = await self.store.get(saga_id)
+            if saga is None:
+                return None
+            if saga.status != "failed":
+                raise SagaConflict(f"saga {saga_id!r} is {saga.status}; only a failed saga can be retried")
+            saga.status = "compensating"
+            try:
+                await self._save(saga)
+            except SagaGone:  # deleted since it was read: nothing to retry
+                return None
+            self._spawn(saga)
+            return saga
+        finally:
+            self._reserved.discard(saga_id)
 
     # -- driving ------------------------------------------------------------------------
 
@@ -261,6 +293,8 @@ class SagaCoordinator:
                 await self._compensate(saga)
         except asyncio.CancelledError:
             raise
+        except SagaGone:  # deleted under us: nothing left to drive or to journal
+            log.info("saga %s: stopped driving: it was deleted", saga.id)
         except StoreRefused as exc:  # fenced off: another replica drives this saga now
             log.warning("saga %s: stopped driving: %s", saga.id, exc)
         except Exception:

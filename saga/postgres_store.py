@@ -45,7 +45,7 @@ from config.units import parse_duration
 from policies.clock import SYSTEM_CLOCK, Clock
 from saga.model import TERMINAL, Saga
 from saga.sqlite_store import _decode_cursor, _encode_cursor
-from saga.store import Page, StoreRefused
+from saga.store import Page, SagaGone, StoreRefused
 
 __all__ = ["PostgresSagaStore", "DEFAULT_LEASE", "SCHEMA_VERSION"]
 
@@ -324,6 +324,7 @@ class PostgresSagaStore:
             raise
         if count == 0:
             self._held.pop(saga.id, None)
+            await self._refuse_gone(saga.id)
             raise StoreRefused(f"saga {saga.id!r} is driven by another replica now (fencing token {lease.fence})")
         if terminal:
             self._held.pop(saga.id, None)
@@ -341,9 +342,15 @@ class PostgresSagaStore:
             self.owner, self.lease, saga_id,
         )
         if fence is None:
+            await self._refuse_gone(saga_id)
             raise StoreRefused(f"saga {saga_id!r} is driven by another replica")
         self._take(saga_id, fence, sent)
         return self._held[saga_id]
+
+    async def _refuse_gone(self, saga_id: str) -> None:
+        """On a refused write: SagaGone if the row was deleted (not another replica's lease)."""
+        if await self._pool.fetchval(f"SELECT 1 FROM {self._sagas} WHERE id = $1", saga_id) is None:
+            raise SagaGone(f"saga {saga_id!r} was deleted")
 
     _COLUMNS = "seq, id, status, def_hash, definition, header"
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from saga.model import TERMINAL, Saga
-from saga.store import Page
+from saga.store import Page, SagaGone
 
 __all__ = ["SqliteSagaStore"]
 
@@ -59,14 +59,27 @@ def _encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
 
 
+_MAX_SEQ = 2**63  # both SQLite INTEGER and PostgreSQL bigint are signed 64-bit
+
+
 def _decode_cursor(cursor: str) -> int:
+    """The seq a cursor names; ValueError unless it is exactly what `_encode_cursor` makes.
+
+    Re-encoding and comparing refuses every other spelling (signs, spaces, leading
+    zeros, non-ASCII digits, stray padding), and the range check keeps a forged seq
+    from reaching the database as an integer it cannot hold.
+    """
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s"):
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        digits = text[1:]
+        if not text.startswith("s") or not (digits.isascii() and digits.isdigit()):
             raise ValueError
-        return int(text[1:])
+        seq = int(digits)
     except (ValueError, UnicodeDecodeError):
-        raise ValueError("invalid cursor") from None
+        raise ValueError("not a cursor this server returned") from None
+    if not 0 <= seq < _MAX_SEQ or _encode_cursor(seq) != cursor:
+        raise ValueError("not a cursor this server returned")
+    return seq
 
 
 class SqliteSagaStore:
@@ -198,12 +211,15 @@ class SqliteSagaStore:
         header = (saga.status, _dumps(saga.header_json()), saga.id)
         rows = [(saga.id, i, _dumps(saga.steps[i].to_json())) for i in steps]
 
-        def update(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE sagas SET status = ?, header = ? WHERE id = ?", header)
+        def update(conn: sqlite3.Connection) -> bool:
+            if conn.execute("UPDATE sagas SET status = ?, header = ? WHERE id = ?", header).rowcount == 0:
+                return False  # deleted: writing its steps would leave orphan rows
             if rows:
                 conn.executemany("INSERT OR REPLACE INTO saga_steps (saga_id, idx, state) VALUES (?,?,?)", rows)
+            return True
 
-        await self._write(update)
+        if not await self._write(update):
+            raise SagaGone(f"saga {saga.id!r} was deleted")
 
     def _load(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Saga]:
         out = []

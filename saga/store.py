@@ -13,11 +13,15 @@ from typing import Literal, Protocol
 
 from saga.model import Saga
 
-__all__ = ["SagaStore", "Page", "StoreRefused", "open_store"]
+__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "open_store"]
 
 
 class StoreRefused(Exception):
     """The store would not take a write (e.g. this replica lost the saga's lease)."""
+
+
+class SagaGone(StoreRefused):
+    """The saga was deleted: a write for it is refused, and nothing of it is written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,8 @@ class SagaStore(Protocol):
         """Durably write the saga's status and header, and the state of the steps listed.
 
         Returns only once the write is committed: the coordinator calls it before
-        each call (intent) and after it (outcome).
+        each call (intent) and after it (outcome). Raises `SagaGone`, writing
+        nothing, when the saga's row no longer exists.
         """
 
     async def get(self, saga_id: str) -> Saga | None: ...
