@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from config.models import FenderConfig
 
-__all__ = ["YamlLoader", "ConfigIssue", "ConfigInvalid", "LoadedConfig", "load_file", "load_text", "format_loc"]
+__all__ = ["YamlLoader", "validation_issues", "ConfigIssue", "ConfigInvalid", "LoadedConfig", "load_file", "load_text", "format_loc"]
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -99,7 +99,7 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
     try:
         config = FenderConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigInvalid(_issues(exc), source) from exc
+        raise ConfigInvalid(validation_issues(exc), source) from exc
     problems = list(cross_check(config))
     if problems:
         raise ConfigInvalid(problems, source)
@@ -117,7 +117,8 @@ def _yaml_issue(exc: yaml.YAMLError) -> ConfigIssue:
     return ConfigIssue(loc, f"invalid YAML: {problem}")
 
 
-def _issues(exc: ValidationError) -> list[ConfigIssue]:
+def validation_issues(exc: ValidationError) -> list[ConfigIssue]:
+    """Pydantic's errors as located, readable issues (also used for saga definitions)."""
     issues = []
     for err in exc.errors(include_url=False):
         msg = err["msg"]

@@ -157,26 +157,17 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
         return web.Response(status=204)
 
     async def cancel(request: web.Request) -> web.Response:
-        saga_id = request.match_info["id"]
-        try:
-            wait = _wait_seconds(request)
-            saga = await coordinator.cancel(saga_id)
-        except _BadQuery as exc:
-            return _error(400, "bad_request", str(exc))
-        except SagaConflict as exc:
-            return _error(409, "saga_conflict", str(exc))
-        if saga is None:
-            return _error(404, "not_found", f"no saga {saga_id!r}")
-        if wait:
-            await coordinator.wait(saga_id, wait)
-            saga = await coordinator.get(saga_id) or saga
-        return _record(saga, 200 if saga.terminal else 202)
+        return await _drive(request, coordinator.cancel)
 
     async def retry(request: web.Request) -> web.Response:
+        return await _drive(request, coordinator.retry)
+
+    async def _drive(request: web.Request, action: Callable[[str], Awaitable[Saga | None]]) -> web.Response:
+        """cancel and retry: start the action, optionally wait for a terminal status."""
         saga_id = request.match_info["id"]
         try:
             wait = _wait_seconds(request)
-            saga = await coordinator.retry(saga_id)
+            saga = await action(saga_id)
         except _BadQuery as exc:
             return _error(400, "bad_request", str(exc))
         except SagaConflict as exc:

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from config.loader import format_loc
+from config.loader import validation_issues
 from config.saga_models import SagaRequestModel, SagaTemplateModel
 from policies.clock import SYSTEM_CLOCK, Clock
 from saga.coordinator import SagaCoordinator
@@ -40,15 +40,7 @@ class SagaExists(Exception):
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
-    out = []
-    for err in exc.errors(include_url=False):
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        out.append({"loc": format_loc(err["loc"]), "msg": msg})
-    return out
+    return [issue.as_dict() for issue in validation_issues(exc)]
 
 
 class SagaService:
