@@ -73,7 +73,7 @@ class ChainInvoker:
                 raise UpstreamReset(f"route {route}: the response body broke off: {exc}") from exc
             finally:
                 response.release()
-            return RouteResponse(outcome.status, dict(response.headers), data)
+            return RouteResponse(outcome.status, dict(strip_hop_by_hop(response.headers)), data)
         except asyncio.CancelledError:
             status, kind = 499, "client_abort"
             raise
