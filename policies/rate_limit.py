@@ -95,7 +95,11 @@ class RateLimitPolicy:
         if wait == 0.0:  # the common case: no await before the call
             return await call(ctx)
         if wait > 0.0:
-            await self.clock.sleep(wait)
+            try:
+                await self.clock.sleep(wait)
+            except BaseException:
+                bucket.give_back()  # the token reserved for this request was never used
+                raise
             return await call(ctx)
         if self.shadow:
             ctx.emit(self._shadow_hit)

@@ -115,10 +115,6 @@ class Upstream:
             self._pool = None
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 class UpstreamPool:
     """Upstream clients keyed by their settings, so a reload keeps warm pools."""
 

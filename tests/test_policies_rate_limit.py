@@ -195,3 +195,23 @@ def test_ratelimit_header_fields():
 def test_rejects_a_bad_key():
     with pytest.raises(ValueError):
         RateLimitPolicy(rate=1, key="cookie")
+
+
+async def test_a_waiter_that_gives_up_returns_its_reserved_token():
+    import asyncio
+
+    class BlockingClock(FakeClock):
+        async def sleep(self, seconds):
+            await asyncio.Event().wait()  # never wakes: the waiter is cancelled instead
+
+    clock = BlockingClock()
+    policy = RateLimitPolicy(1.0, 1.0, wait=5.0, clock=clock)
+    upstream = ScriptedUpstream(clock, 200)
+    await policy(upstream, make_ctx())  # takes the only token
+    waiter = asyncio.ensure_future(policy(upstream, make_ctx()))  # reserves the next one
+    await asyncio.sleep(0)
+    assert policy.describe()["tokens"] < 0
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert policy.describe()["tokens"] == 0.0  # the next caller waits one second, not two

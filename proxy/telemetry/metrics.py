@@ -151,9 +151,6 @@ class FenderMetrics:
         """`fender_inflight_requests` alone, with prometheus_client's `collect()` (GET /routes reads it)."""
         return _InflightView(self._inflight)
 
-    def inflight_counts(self) -> dict[str, int]:
-        return dict(self._inflight)
-
     # -- the data plane ---------------------------------------------------------------
     def request_started(self, route: str) -> None:
         inflight = self._inflight
