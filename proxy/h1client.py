@@ -81,6 +81,10 @@ class UpstreamConnection(BaseProtocol):
         return self._waiter
 
     def data_received(self, data: bytes) -> None:
+        if self._waiter is None and self._payload is None:
+            # bytes on an idle connection answer nothing we sent: never parse a later reply after them
+            self.close()
+            return
         self._received = True
         try:
             messages, _upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]

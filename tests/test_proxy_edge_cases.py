@@ -161,3 +161,38 @@ def test_listener_address_in_use_is_one_line_and_exit_1(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.startswith("fender:")]
     assert lines and "in use" in lines[0] and str(port) in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_stray_bytes_on_an_idle_connection_retire_it(start_fender, http):
+    connections = 0
+
+    async def handle(reader, writer):
+        nonlocal connections
+        connections += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")  # half an answer to nothing
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # a reused connection would get here
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
+            await writer.drain()
+            await asyncio.sleep(1)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fender = await start_fender(f"routes: [{{name: s, upstream: 'http://127.0.0.1:{port}'}}]")
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert await resp.text() == "first"
+    await asyncio.sleep(0.2)
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 200
+        assert await resp.text() == "first"  # from a fresh connection
+    assert connections == 2
+    server.close()
