@@ -213,9 +213,12 @@ class FenderApp:
             for service in self.services:
                 await service.start()
         drain = self.settings.drain_timeout
+        handler = self.proxy_handler()
+        server = ProxyServer(handler, handler_cancellation=True, access_log=None)
+        server.on_refused = handler.refused
         proxy_runner = web.ServerRunner(
             # aiohttp's own access logger costs ~15% of a request; ours is telemetry's
-            ProxyServer(self.proxy_handler(), handler_cancellation=True, access_log=None),
+            server,
             shutdown_timeout=drain,
             handle_signals=False,
         )

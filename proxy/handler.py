@@ -159,6 +159,15 @@ class ProxyHandler:
         finally:
             observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
 
+    def refused(self, request: web.BaseRequest, status: int) -> None:
+        """A request the HTTP parser refused (400): counted and logged, never forwarded."""
+        try:
+            path = request.rel_url.raw_path
+        except Exception:  # the parser gave up before there was a usable target
+            path = ""
+        ctx = RequestContext("", request.method, request.headers, bus=self.bus)
+        self.observer.request_finished(ctx, request.method, path, status, "bad_request", 0.0)
+
     def _unrouted(
         self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float,
         *, route: str = "",

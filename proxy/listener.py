@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -26,10 +27,16 @@ class _ProxyRequestHandler(RequestHandler):
             detail = text[0].rstrip(":") if text else "malformed HTTP request"
             response = error_response("bad_request", f"malformed request: {detail}", status=status)
             response.force_close()
+            manager = self._manager
+            if isinstance(manager, ProxyServer) and manager.on_refused is not None:
+                manager.on_refused(request, response.status)
             return response
         return super().handle_error(request, status, exc, message)
 
 
 class ProxyServer(web.Server):
+    # told of every request the parser refused, so that it is counted and logged too
+    on_refused: Callable[[Any, int], None] | None = None
+
     def __call__(self) -> RequestHandler:
         return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -161,3 +161,15 @@ async def test_unrouted_lines_carry_the_clients_request_id(start_fender, http, c
     await asyncio.sleep(0.05)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert next(line for line in lines if line["path"] == "/x")["request_id"] == "abc"
+
+
+async def test_requests_the_parser_refuses_are_logged_as_bad_request(start_fender, capsys):
+    fender = await start_fender("routes: []", assemble=True, access_log=True)
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello")
+    await writer.drain()
+    assert (await reader.read()).split(b" ", 2)[1] == b"400"
+    writer.close()
+    await asyncio.sleep(0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert any(line["status"] == 400 and line["outcome"] == "bad_request" and line["route"] is None for line in lines)
