@@ -133,23 +133,19 @@ def goals(summary: dict[str, dict[int, Summary]], ratio: dict[str, Any],
     def add(goal: str, value: float | None, ok: bool | None) -> None:
         rows.append({"goal": goal, "value": value, "met": ok})
 
-    for c in high:
-        v = ratio["full_over_empty_rps"].get(c)
-        add(f"full chain >= 0.95 x empty chain req/s (c={c})", v, None if v is None else v >= 0.95)
-    for c in high:
-        # the same goal read from CPU per request: empty/full throughput on a saturated core
-        cpu = ratio.get("full_over_empty_cpu_per_req", {}).get(c)
-        v = None if not cpu else round(1 / cpu, 3)
-        add(f"full chain >= 0.95 x empty chain, by CPU per request (c={c})", v,
-            None if v is None else v >= 0.95)
-    for c in high:
-        v = ratio["empty_over_aiohttp_ref_rps"].get(c)
-        add(f"empty chain >= 1.0 x bare aiohttp req/s (c={c})", v, None if v is None else v >= 1.0)
-    for c in high:
-        cpu = ratio.get("empty_over_aiohttp_ref_cpu_per_req", {}).get(c)
-        v = None if not cpu else round(1 / cpu, 3)
-        add(f"empty chain >= 1.0 x bare aiohttp, by CPU per request (c={c})", v,
-            None if v is None else v >= 1.0)
+    def at_least(label: str, key: str, threshold: float) -> None:
+        """A throughput-ratio goal, read from req/s and again from CPU per request."""
+        for c in high:
+            v = ratio[f"{key}_rps"].get(c)
+            add(f"{label} req/s (c={c})", v, None if v is None else v >= threshold)
+        for c in high:
+            # the same goal read from CPU per request: throughput on a saturated core
+            cpu = ratio.get(f"{key}_cpu_per_req", {}).get(c)
+            v = None if not cpu else round(1 / cpu, 3)
+            add(f"{label}, by CPU per request (c={c})", v, None if v is None else v >= threshold)
+
+    at_least("full chain >= 0.95 x empty chain", "full_over_empty", 0.95)
+    at_least("empty chain >= 1.0 x bare aiohttp", "empty_over_aiohttp_ref", 1.0)
     added = ratio.get(f"added_p50_us_at_c{low}", {})
     for target in ("fender-empty", "fender-full"):
         v = added.get(target)

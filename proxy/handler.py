@@ -165,17 +165,21 @@ class ProxyHandler:
             path = request.rel_url.raw_path
         except Exception:  # the parser gave up before there was a usable target
             path = ""
-        ctx = RequestContext("", request.method, request.headers, bus=self.bus)
-        self.observer.request_finished(ctx, request.method, path, status, "bad_request", 0.0)
+        self._record(request, "", path, status, "bad_request", 0.0)
 
     def _unrouted(
         self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float,
         *, route: str = "",
     ) -> web.Response:
         """Requests answered before any chain ran are still counted and logged."""
-        ctx = RequestContext(route, request.method, request.headers, client_ip=request.remote, bus=self.bus)
-        self.observer.request_finished(ctx, request.method, path, response.status, outcome, perf_counter() - timer)
+        self._record(request, route, path, response.status, outcome, perf_counter() - timer)
         return response
+
+    def _record(
+        self, request: web.BaseRequest, route: str, path: str, status: int, outcome: str, duration: float
+    ) -> None:
+        ctx = RequestContext(route, request.method, request.headers, client_ip=request.remote, bus=self.bus)
+        self.observer.request_finished(ctx, request.method, path, status, outcome, duration)
 
     async def _request_body(
         self, request: web.BaseRequest, route: RouteRuntime, ctx: RequestContext
