@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 
 from tests.conftest import free_port
+from tests.support.raw_server import raw_server
 
 
 class Flaky:
@@ -210,8 +211,7 @@ async def test_a_reset_is_retried(start_fender, http):
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(slam_once, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(slam_once)
     fender = await start_fender(f"""
         routes:
           - name: resetting

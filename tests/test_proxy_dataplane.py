@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
+from tests.support.raw_server import raw_server
 
 
 class Recorder:
@@ -186,8 +187,7 @@ async def test_reset_before_response_is_502_upstream_reset(start_fender, http):
         await reader.readuntil(b"\r\n\r\n")
         writer.transport.abort()
 
-    server = await asyncio.start_server(slam, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(slam)
     fender = await start_fender(f"""
         routes:
           - name: flaky
@@ -239,8 +239,7 @@ def half_body_upstream(declared: int, sent: int):
 
 
 async def test_small_body_cut_short_is_502_upstream_reset(start_fender, http):
-    server = await asyncio.start_server(half_body_upstream(1000, 100), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(half_body_upstream(1000, 100))
     fender = await start_fender(f"""
         routes:
           - name: half
@@ -253,8 +252,7 @@ async def test_small_body_cut_short_is_502_upstream_reset(start_fender, http):
 
 
 async def test_large_body_cut_short_breaks_the_client_response(start_fender, http):
-    server = await asyncio.start_server(half_body_upstream(10_000_000, 200_000), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(half_body_upstream(10_000_000, 200_000))
     fender = await start_fender(f"""
         routes:
           - name: half

@@ -12,6 +12,7 @@ import pytest
 from proxy.h1client import ConnectionPool
 from tests.conftest import free_port
 from tests.support.processes import FENDER
+from tests.support.raw_server import raw_server
 
 
 async def raw_upstream(script):
@@ -28,8 +29,7 @@ async def raw_upstream(script):
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return await raw_server(handle)
 
 
 async def test_interim_103_is_skipped_and_the_final_response_relayed(start_fender, http):
@@ -185,8 +185,7 @@ async def test_stray_bytes_on_an_idle_connection_retire_it(start_fender, http):
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(handle)
     fender = await start_fender(f"routes: [{{name: s, upstream: 'http://127.0.0.1:{port}'}}]")
     async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
         assert await resp.text() == "first"

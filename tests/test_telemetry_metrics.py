@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.telemetry.metrics import FenderMetrics, attempt_result, normalize_method
 from proxy.telemetry.observer import SagaTelemetry
 from tests.conftest import REQUIRE_SERVICES
+from tests.support.raw_server import raw_server
 
 CONFIG = """
 version: 1
@@ -230,8 +231,7 @@ async def test_a_body_that_breaks_off_is_counted_with_the_status_the_client_got(
         await writer.drain()
         writer.transport.abort()
 
-    server = await asyncio.start_server(half, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await raw_server(half)
     fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{port}'}}]", assemble=True)
     async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
         assert resp.status == 502
