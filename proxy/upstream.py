@@ -42,10 +42,11 @@ class Upstream:
 
     def __init__(self, model: UpstreamModel, observer: Any = None) -> None:
         self.model = model
-        url = URL(model.url)
-        self.base = str(url.with_user(None))  # for messages and spans: never the credentials
+        self._url = url = URL(model.url)
+        public = url.with_user(None)  # for Host, messages and spans: never the credentials
+        self.base = str(public)
         self._prefix = url.raw_path.rstrip("/")  # an upstream URL may carry a base path
-        self.host_header = (url.raw_host or "") + (f":{url.explicit_port}" if url.explicit_port else "")
+        self.host_header = public.raw_authority  # keeps IPv6 brackets and an explicit port
         # `http://user:pass@host` sends Basic credentials, unless the caller brought its own
         self._authorization = (
             aiohttp.BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
@@ -61,7 +62,7 @@ class Upstream:
 
     def _make_pool(self) -> ConnectionPool:
         model = self.model
-        url = URL(model.url)
+        url = self._url
         ssl_ctx: ssl.SSLContext | None = None
         if url.scheme == "https":
             ssl_ctx = ssl.create_default_context(cafile=model.tls.ca_file)
