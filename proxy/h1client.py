@@ -81,11 +81,17 @@ class UpstreamConnection(BaseProtocol):
         return self._waiter
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None and self._payload is None:
+        if not data:
+            # aiohttp >= 3.14 calls data_received(b"") from resume_reading() (after every read
+            # of a drained body) to resume a paused parser: not bytes from the upstream
+            if self._waiter is None and self._payload is None:
+                return
+        elif self._waiter is None and self._payload is None:
             # bytes on an idle connection answer nothing we sent: never parse a later reply after them
             self.close()
             return
-        self._received = True
+        else:
+            self._received = True
         try:
             messages, _upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
         except Exception as exc:

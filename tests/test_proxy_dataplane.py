@@ -280,6 +280,31 @@ async def test_health_and_readiness_on_metrics_listener(aiohttp_server, start_fe
         assert resp.status == 503
 
 
+async def test_sequential_calls_reuse_one_upstream_connection(aiohttp_server, start_fender, http):
+    # aiohttp 3.14 nudges a protocol with data_received(b"") after each body read; taking that
+    # for stray bytes once closed every upstream connection after a single request
+    peers: list = []
+
+    async def hello(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="x" * 100)
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    server = await aiohttp_server(app)
+    fender = await start_fender(f"""
+        routes:
+          - name: small
+            upstream: http://127.0.0.1:{server.port}
+    """)
+    for _ in range(5):
+        async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+            assert await resp.text() == "x" * 100
+        await asyncio.sleep(0.01)  # let any close of the idle connection happen
+    assert len(peers) == 5
+    assert len(set(peers)) == 1
+
+
 async def test_max_connections_bounds_the_upstream_pool(aiohttp_server, start_fender, http):
     peers: set = set()
     active = 0
