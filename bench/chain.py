@@ -2,18 +2,22 @@
 
 Every chain runs against a terminal that suspends once on the event loop (as a real
 upstream call does), on uvloop, one call at a time; the figure is microseconds per call.
-Compare with the CPU per request that `python -m bench.run` measures in the running proxy.
+The chains take turns over `--repeats` rounds, so a burst of noise on a shared machine
+hits one round of each rather than one chain; the minimum is the figure to compare
+(the median shows how noisy the machine was). Compare with the CPU per request that
+`python -m bench.run` measures in the running proxy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
 from config.factory import PolicyFactory
 from config.loader import load_text
-from policies.base import Outcome, RequestContext, compose
+from policies.base import Call, Outcome, RequestContext, compose
 
 CHAINS = {
     "empty": "[]",
@@ -23,12 +27,18 @@ CHAINS = {
     "rate_limit": "[{rate_limit: {rate: 1000000000/s}}]",
     "bulkhead": "[{bulkhead: {max_concurrent: 1000}}]",
     "full": "[{rate_limit: {rate: 1000000000/s}}, {timeout: 5s}, {retry: {attempts: 3}},"
-    " {circuit_breaker: {consecutive_failures: 5}}, {timeout: 1s}]",
+    " {circuit_breaker: {consecutive_failures: 5, open_for: 30s}}, {timeout: 1s}]",
 }
 _OK = Outcome(200, {})
 
 
-async def measure(calls: int) -> dict[str, float]:
+def build(chain: str, terminal: Call) -> Call:
+    config = load_text(f"routes: [{{name: r, upstream: 'http://x', chain: {chain}}}]").config
+    policies = PolicyFactory().build(config)["r"].policies
+    return compose([p for _, p in policies], terminal)
+
+
+async def measure(calls: int, repeats: int) -> dict[str, list[float]]:
     loop = asyncio.get_running_loop()
 
     async def terminal(ctx: RequestContext) -> Outcome:
@@ -37,31 +47,35 @@ async def measure(calls: int) -> dict[str, float]:
         await future
         return _OK
 
-    results = {}
-    for name, chain in CHAINS.items():
-        config = load_text(f"routes: [{{name: r, upstream: 'http://x', chain: {chain}}}]").config
-        policies = PolicyFactory().build(config)["r"].policies
-        call = compose([p for _, p in policies], terminal)
-        started = time.perf_counter()
-        for _ in range(calls):
-            await call(RequestContext("r", "GET", {}))
-        results[name] = 1e6 * (time.perf_counter() - started) / calls
+    chains = {name: build(chain, terminal) for name, chain in CHAINS.items()}
+    results: dict[str, list[float]] = {name: [] for name in chains}
+    for _ in range(repeats):
+        for name, call in chains.items():
+            started = time.perf_counter()
+            for _ in range(calls):
+                await call(RequestContext("r", "GET", {}))
+            results[name].append(1e6 * (time.perf_counter() - started) / calls)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=50_000)
+    parser.add_argument("--calls", type=int, default=20_000, help="calls per chain per round")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds")
     args = parser.parse_args()
     try:
         import uvloop
 
-        results = uvloop.run(measure(args.calls))
+        results = uvloop.run(measure(args.calls, args.repeats))
     except ImportError:
-        results = asyncio.run(measure(args.calls))
-    base = results["empty"]
-    for name, us in results.items():
-        print(f"{name:16s} {us:6.2f} us/call  (+{us - base:5.2f} over empty)")
+        results = asyncio.run(measure(args.calls, args.repeats))
+    base = min(results["empty"])
+    base_median = statistics.median(results["empty"])
+    print(f"{'':16s} {'min':>6s}          {'median':>6s}")
+    for name, runs in results.items():
+        best, median = min(runs), statistics.median(runs)
+        print(f"{name:16s} {best:6.2f} (+{best - base:4.2f})  {median:6.2f} (+{median - base_median:4.2f})"
+              "  us/call")
 
 
 if __name__ == "__main__":
