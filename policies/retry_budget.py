@@ -18,7 +18,7 @@ _BUCKETS = 10
 
 class RetryBudget:
     __slots__ = ("ratio", "min_per_second", "window", "_width", "_requests", "_retries",
-                 "_head", "_total_requests", "_total_retries")
+                 "_head", "_slot", "_total_requests", "_total_retries")
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, window: float = 10.0) -> None:
         if ratio < 0 or min_per_second < 0 or window <= 0:
@@ -30,6 +30,7 @@ class RetryBudget:
         self._requests = [0] * _BUCKETS
         self._retries = [0] * _BUCKETS
         self._head: int | None = None  # index (in bucket widths since 0) of the newest bucket
+        self._slot = 0  # where the head bucket is in the rings
         self._total_requests = 0
         self._total_retries = 0
 
@@ -46,10 +47,12 @@ class RetryBudget:
                 self._requests[slot] = 0
                 self._retries[slot] = 0
             self._head = index
-        return (self._head if self._head is not None else index) % _BUCKETS
+        self._slot = (self._head if self._head is not None else index) % _BUCKETS
+        return self._slot
 
     def record_request(self, now: float) -> None:
-        slot = self._roll(now)
+        # every request lands here: within the head bucket there is nothing to roll
+        slot = self._slot if int(now // self._width) == self._head else self._roll(now)
         self._requests[slot] += 1
         self._total_requests += 1
 
