@@ -110,10 +110,26 @@ class Policy(Protocol):
 def compose(policies: Sequence[Policy], terminal: Call) -> Call:
     """Bind a chain once: `policies[0]` is outermost, `terminal` innermost.
 
-    Each layer is a `partial(policy, inner)`: calling it returns the policy's own
+    Neighbours that are guards (policies.guard) on one clock become one
+    `FusedLayer`: one coroutine per request for the whole stretch. Any other
+    policy is a `partial(policy, inner)`: calling it returns the policy's own
     coroutine, so a layer costs one coroutine per request, not two.
     """
-    call = terminal
-    for policy in reversed(policies):
-        call = partial(policy, call)
-    return call
+    from policies.fused import FusedLayer  # (imports this module)
+    from policies.guard import fusable, is_guard
+
+    # layers[i] runs policies[i:] around the terminal; built inside out, so that a
+    # guard that defers or resumes has the rest of the chain ready
+    layers: list[Call] = [terminal] * (len(policies) + 1)
+    for i in reversed(range(len(policies))):
+        policy = policies[i]
+        if not is_guard(policy):
+            layers[i] = partial(policy, layers[i + 1])
+            continue
+        guards = [policy]
+        for following in policies[i + 1:]:
+            if not is_guard(following) or not fusable([*guards, following]):
+                break
+            guards.append(following)
+        layers[i] = FusedLayer(guards, layers[i + 1:i + 1 + len(guards)])
+    return layers[0]

@@ -10,13 +10,15 @@ are served in order and a newcomer cannot overtake them.
 from __future__ import annotations
 
 import asyncio
+from asyncio import Task
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import BulkheadFull
 from policies.events import BulkheadQueued, BulkheadRejected
+from policies.guard import DEFER
 
 __all__ = ["BulkheadPolicy"]
 
@@ -26,6 +28,7 @@ class BulkheadPolicy:
                  "_waiters", "_rejected", "_queued", "_message")
 
     kind = "bulkhead"
+    needs_task = False
 
     def __init__(
         self,
@@ -53,10 +56,24 @@ class BulkheadPolicy:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+    # -- as a guard (policies.guard): a free slot is taken at once; queueing is the async path's
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> object:
         if self.in_flight < self.max_concurrent and not self._waiters:
             self.in_flight += 1
-        else:
+            return None
+        return DEFER
+
+    def exit(self, ctx: RequestContext, token: object, started: float, outcome: Outcome) -> Outcome:
+        self._release()
+        return outcome
+
+    def exit_error(self, ctx: RequestContext, token: object, started: float, error: BaseException) -> NoReturn:
+        self._release()
+        raise error
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        if self.enter(ctx, 0.0, None) is DEFER:
             await self._enqueue(ctx)  # returns holding a slot, or raises BulkheadFull
         try:
             return await call(ctx)

@@ -9,9 +9,9 @@ nothing about the upstream and are not counted.
 
 from __future__ import annotations
 
-from asyncio import CancelledError
+from asyncio import CancelledError, Task
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
 from policies.breaker_state import BreakerState, BreakerStateMachine, TimeWindow
@@ -42,6 +42,7 @@ class CircuitBreakerPolicy:
     __slots__ = ("name", "machine", "failure_statuses", "clock", "_rejected", "_timed")
 
     kind = "circuit_breaker"
+    needs_task = False
 
     def __init__(
         self,
@@ -59,13 +60,14 @@ class CircuitBreakerPolicy:
         # only a time window or a slow-call threshold needs the time after a successful call
         self._timed = machine.slow_call_duration is not None or isinstance(machine.window, TimeWindow)
 
-    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+    # -- as a guard (policies.guard): the token is the generation the call was admitted under
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> int:
         machine = self.machine
-        start = self.clock.now()
         generation = machine.generation
-        if not machine.try_acquire(start):
+        if not machine.try_acquire(now):
             ctx.emit(self._rejected)
-            retry_after = machine.remaining_open(start)
+            retry_after = machine.remaining_open(now)
             raise CircuitOpen(
                 f"circuit breaker {self.name} is {machine.state.value}",
                 retry_after=retry_after if retry_after > 0 else 1.0,
@@ -73,39 +75,51 @@ class CircuitBreakerPolicy:
         if machine.generation != generation:  # open -> half_open just now
             self._emit_transition(ctx)
             generation = machine.generation
-        try:
-            outcome = await call(ctx)
-        except _UPSTREAM_FAILURES:
-            now = self.clock.now()
-            before = machine.generation  # did *this* result move the breaker? (others may have)
-            machine.on_error(now - start, now, generation)
-            if machine.generation != before:
-                self._emit_transition(ctx)
-            raise
-        except CancelledError:
-            now = self.clock.now()
-            if ctx.deadline is not None and now >= ctx.deadline:
-                # a timeout outside the breaker cancelled the call: the upstream was too slow
-                before = machine.generation
-                machine.on_error(now - start, now, generation)
-                if machine.generation != before:
-                    self._emit_transition(ctx)
-            else:
-                machine.release(generation)  # e.g. the client went away
-            raise
-        except BaseException:
-            machine.release(generation)
-            raise
-        before = machine.generation
+        return generation
+
+    def exit(self, ctx: RequestContext, generation: int, started: float, outcome: Outcome) -> Outcome:
+        machine = self.machine
+        before = machine.generation  # did *this* result move the breaker? (others may have)
         if outcome.status in self.failure_statuses:
             now = self.clock.now()
-            machine.on_error(now - start, now, generation)
+            machine.on_error(now - started, now, generation)
         else:
-            now = self.clock.now() if self._timed else start
-            machine.on_success(now - start, now, generation)
+            now = self.clock.now() if self._timed else started
+            machine.on_success(now - started, now, generation)
         if machine.generation != before:
             self._emit_transition(ctx)
         return outcome
+
+    def exit_error(self, ctx: RequestContext, generation: int, started: float, error: BaseException) -> NoReturn:
+        machine = self.machine
+        if isinstance(error, _UPSTREAM_FAILURES):
+            self._failed(ctx, generation, started, self.clock.now())
+        elif isinstance(error, CancelledError):
+            now = self.clock.now()
+            if ctx.deadline is not None and now >= ctx.deadline:
+                # a timeout outside the breaker cancelled the call: the upstream was too slow
+                self._failed(ctx, generation, started, now)
+            else:
+                machine.release(generation)  # e.g. the client went away
+        else:
+            machine.release(generation)
+        raise error
+
+    def _failed(self, ctx: RequestContext, generation: int, started: float, now: float) -> None:
+        machine = self.machine
+        before = machine.generation
+        machine.on_error(now - started, now, generation)
+        if machine.generation != before:
+            self._emit_transition(ctx)
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        start = self.clock.now()
+        generation = self.enter(ctx, start, None)
+        try:
+            outcome = await call(ctx)
+        except BaseException as error:
+            self.exit_error(ctx, generation, start, error)
+        return self.exit(ctx, generation, start, outcome)
 
     def _emit_transition(self, ctx: RequestContext) -> None:
         machine = self.machine

@@ -33,12 +33,15 @@ class Scheduler(Protocol):
 
 
 class DeadlineEntry:
-    __slots__ = ("deadline", "task", "cancelling", "done", "expired")
+    """One call under a deadline; `outer` is the caller's to keep (the timeout's enclosing deadline)."""
 
-    def __init__(self, deadline: float, task: asyncio.Task[Any], cancelling: int) -> None:
+    __slots__ = ("deadline", "task", "cancelling", "outer", "done", "expired")
+
+    def __init__(self, deadline: float, task: asyncio.Task[Any], cancelling: int, outer: float | None) -> None:
         self.deadline = deadline
         self.task = task
         self.cancelling = cancelling
+        self.outer = outer
         self.done = False
         self.expired = False
 
@@ -59,11 +62,12 @@ class DeadlineQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def enter(self, task: asyncio.Task[Any], now: float) -> DeadlineEntry:
-        entry = DeadlineEntry(now + self.duration, task, task.cancelling())
+    def enter(self, task: asyncio.Task[Any], deadline: float, outer: float | None = None) -> DeadlineEntry:
+        """`deadline` is the clock's now plus `duration`."""
+        entry = DeadlineEntry(deadline, task, task.cancelling(), outer)
         self._entries.append(entry)
         if self._timer is None or (self._scheduler is None and task.get_loop() is not self._loop):
-            self._arm(entry.deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
+            self._arm(deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
         return entry
 
     def leave(self, entry: DeadlineEntry) -> None:

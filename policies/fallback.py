@@ -9,6 +9,7 @@ replaced). A dict or list body is served as JSON.
 from __future__ import annotations
 
 import json
+from asyncio import Task
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ class FallbackPolicy:
     __slots__ = ("name", "kinds", "on_5xx", "status", "headers", "body", "_events")
 
     kind = "fallback"
+    needs_task = False
+    clock = None  # it never asks the time, so it fuses with guards on any clock
 
     def __init__(
         self,
@@ -61,19 +64,30 @@ class FallbackPolicy:
         # a fresh header dict each time: the proxy adds its own headers to it
         return Outcome(self.status, dict(self.headers), body=self.body)
 
-    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
-        try:
-            outcome = await call(ctx)
-        except FenderError as exc:
-            if exc.kind not in self.kinds:
-                raise
-            ctx.emit(self._events[exc.kind])
-            return self.outcome()
+    # -- as a guard (policies.guard): nothing before the call; after it, the answer may be replaced
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> None:
+        return None
+
+    def exit(self, ctx: RequestContext, token: None, started: float, outcome: Outcome) -> Outcome:
         if self.on_5xx and outcome.status >= 500:
             outcome.release()
             ctx.emit(self._events["5xx"])
             return self.outcome()
         return outcome
+
+    def exit_error(self, ctx: RequestContext, token: None, started: float, error: BaseException) -> Outcome:
+        if not isinstance(error, FenderError) or error.kind not in self.kinds:
+            raise error
+        ctx.emit(self._events[error.kind])
+        return self.outcome()
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        try:
+            outcome = await call(ctx)
+        except FenderError as error:
+            return self.exit_error(ctx, None, 0.0, error)
+        return self.exit(ctx, None, 0.0, outcome)
 
     def describe(self) -> dict[str, Any]:
         on = sorted(self.kinds | ({"5xx"} if self.on_5xx else set()))

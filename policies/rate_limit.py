@@ -12,12 +12,14 @@ header fields need (`ratelimit_headers`, draft-ietf-httpapi-ratelimit-headers-10
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from asyncio import Task
+from typing import Any, Literal, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import RateLimited
 from policies.events import RateLimitBackendError, RateLimitHit
+from policies.guard import DEFER
 from policies.token_bucket import BucketStore, Decision, LocalBucketStore, TokenBucket
 
 __all__ = ["RateLimitPolicy", "ratelimit_headers", "RATELIMIT_DRAFT"]
@@ -28,9 +30,10 @@ RATELIMIT_DRAFT = "draft-ietf-httpapi-ratelimit-headers-10"
 class RateLimitPolicy:
     __slots__ = ("name", "rate", "burst", "key", "wait", "shadow", "on_backend_error", "clock",
                  "_header", "_local", "_store", "_route_bucket", "_hit", "_shadow_hit",
-                 "_backend_error", "_prefix")
+                 "_backend_error", "_prefix", "_immediate")
 
     kind = "rate_limit"
+    needs_task = False
 
     def __init__(
         self,
@@ -71,6 +74,8 @@ class RateLimitPolicy:
         self._hit = RateLimitHit(name, False)
         self._shadow_hit = RateLimitHit(name, True)
         self._backend_error = RateLimitBackendError(name)
+        # a bucket in this process, and no waiting for a token: decided without an await
+        self._immediate = store is None and (wait <= 0 or shadow)
 
     def _key_of(self, ctx: RequestContext) -> str:
         if self._header is not None:
@@ -79,8 +84,39 @@ class RateLimitPolicy:
             return ctx.client_ip or ""
         return ""
 
+    # -- as a guard (policies.guard): a local bucket answers at once, unless the request may wait
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> object:
+        if not self._immediate:
+            return DEFER  # waiting for a token, or asking the shared store, is the async path's
+        bucket = self._route_bucket
+        if bucket is None:
+            assert self._local is not None
+            bucket = self._local.bucket(self._key_of(ctx), self.rate, self.burst, now)
+        if bucket.take(now) < 0.0:
+            self._refused(ctx, bucket, now)
+        return None
+
+    def exit(self, ctx: RequestContext, token: object, started: float, outcome: Outcome) -> Outcome:
+        return outcome
+
+    def exit_error(self, ctx: RequestContext, token: object, started: float, error: BaseException) -> NoReturn:
+        raise error
+
+    def _refused(self, ctx: RequestContext, bucket: TokenBucket, now: float) -> None:
+        """No token: raises RateLimited, or in shadow mode reports and lets the request through."""
+        if self.shadow:
+            ctx.emit(self._shadow_hit)
+            return
+        ctx.emit(self._hit)
+        retry_after = bucket.retry_after(now)
+        raise self._refusal(retry_after, max(0, int(bucket.tokens)))
+
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         now = self.clock.now()
+        if self._immediate:
+            self.enter(ctx, now, None)
+            return await call(ctx)
         max_wait = 0.0
         if self.wait > 0 and not self.shadow:
             max_wait = self.wait
@@ -101,12 +137,8 @@ class RateLimitPolicy:
                 bucket.give_back()  # the token reserved for this request was never used
                 raise
             return await call(ctx)
-        if self.shadow:
-            ctx.emit(self._shadow_hit)
-            return await call(ctx)
-        ctx.emit(self._hit)
-        retry_after = bucket.retry_after(now)
-        raise self._refusal(retry_after, max(0, int(bucket.tokens)))
+        self._refused(ctx, bucket, now)
+        return await call(ctx)
 
     async def _remote(self, call: Call, ctx: RequestContext, now: float, max_wait: float) -> Outcome:
         assert self._store is not None

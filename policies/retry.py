@@ -12,6 +12,7 @@ or the last error is raised again.
 from __future__ import annotations
 
 import random
+from asyncio import Task
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import FenderError
 from policies.events import RetryAfterTooLong, RetryBudgetExhausted, RetryScheduled
+from policies.guard import Resume
 from policies.retry_budget import RetryBudget
 
 __all__ = ["RetryPolicy", "DEFAULT_ON", "IDEMPOTENT_METHODS", "GATEWAY_ERRORS"]
@@ -58,6 +60,7 @@ class RetryPolicy:
                  "budget", "max_body", "clock", "_status_reason", "_error_reason", "_on")
 
     kind = "retry"
+    needs_task = False
 
     def __init__(
         self,
@@ -89,46 +92,102 @@ class RetryPolicy:
         self._status_reason = _status_reasons(self._on)
         self._error_reason = {kind: cond for kind, cond in _ERROR_CONDITIONS.items() if cond in self._on}
 
-    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+    # -- as a guard (policies.guard): the first attempt is the inner call the guard wraps;
+    # -- any further one is a Resume, which makes them through the rest of the chain
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> bool:
+        """Whether this request may be retried at all (it then counts in the budget)."""
         if self.attempts == 1 or not ctx.replayable or (
             ctx.method not in self.methods and "idempotency-key" not in ctx.headers
         ):
+            return False
+        self.budget.record_request(now)
+        return True
+
+    def exit(self, ctx: RequestContext, retrying: bool, started: float, outcome: Outcome) -> Outcome | Resume:
+        if not retrying or outcome.status not in self._status_reason:  # (the common case, cheaply)
+            return outcome
+        retry = self._after_outcome(ctx, outcome, 1)
+        return outcome if retry is None else self._resume(ctx, *retry)
+
+    def exit_error(
+        self, ctx: RequestContext, retrying: bool, started: float, error: BaseException
+    ) -> Resume:
+        if not retrying or not isinstance(error, FenderError):
+            raise error
+        retry = self._after_error(ctx, error, 1)
+        if retry is None:
+            raise error
+        return self._resume(ctx, *retry)
+
+    def _resume(self, ctx: RequestContext, reason: str, delay: float) -> Resume:
+        return Resume(lambda inner: self._retry(inner, ctx, 1, reason, delay))
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        if not self.enter(ctx, self.clock.now(), None):
             return await call(ctx)
-        clock = self.clock
-        self.budget.record_request(clock.now())
-        attempt = 1
+        try:
+            outcome = await call(ctx)
+        except FenderError as exc:
+            retry = self._after_error(ctx, exc, 1)
+            if retry is None:
+                raise
+        else:
+            retry = self._after_outcome(ctx, outcome, 1)
+            if retry is None:
+                return outcome
+        return await self._retry(call, ctx, 1, *retry)
+
+    async def _retry(self, call: Call, ctx: RequestContext, attempt: int, reason: str, delay: float) -> Outcome:
+        """The attempts after `attempt`, the next one for `reason` after `delay`."""
         while True:
-            try:
-                outcome = await call(ctx)
-            except FenderError as exc:
-                reason = self._error_reason.get(exc.kind)
-                if reason is None or attempt >= self.attempts or not ctx.replayable:
-                    raise
-                delay = self.backoff.delay(attempt)
-                if not self._may_retry(ctx, reason, delay):
-                    raise
-            else:
-                reason = self._status_reason.get(outcome.status)
-                if reason is None or attempt >= self.attempts or not ctx.replayable:
-                    return outcome
-                delay = self.backoff.delay(attempt)
-                if self.honor_retry_after:
-                    headers = outcome.headers
-                    retry_after = parse_retry_after(
-                        headers.get("retry-after") or headers.get("Retry-After"), clock.wall()
-                    )
-                    if retry_after is not None:
-                        if retry_after > self.retry_after_max:
-                            ctx.emit(RetryAfterTooLong(retry_after))
-                            return outcome
-                        delay = retry_after
-                if not self._may_retry(ctx, reason, delay):
-                    return outcome
-                outcome.release()
             attempt += 1
             ctx.emit(RetryScheduled(reason, attempt, delay))
             if delay > 0:
-                await clock.sleep(delay)
+                await self.clock.sleep(delay)
+            try:
+                outcome = await call(ctx)
+            except FenderError as exc:
+                retry = self._after_error(ctx, exc, attempt)
+                if retry is None:
+                    raise
+            else:
+                retry = self._after_outcome(ctx, outcome, attempt)
+                if retry is None:
+                    return outcome
+            reason, delay = retry
+
+    # -- the decisions: the reason and delay of the next attempt, or None (no retry)
+
+    def _after_error(self, ctx: RequestContext, error: FenderError, attempt: int) -> tuple[str, float] | None:
+        reason = self._error_reason.get(error.kind)
+        if reason is None or attempt >= self.attempts or not ctx.replayable:
+            return None
+        delay = self.backoff.delay(attempt)
+        if not self._may_retry(ctx, reason, delay):
+            return None
+        return reason, delay
+
+    def _after_outcome(self, ctx: RequestContext, outcome: Outcome, attempt: int) -> tuple[str, float] | None:
+        """(Releases the outcome when it is to be retried.)"""
+        reason = self._status_reason.get(outcome.status)
+        if reason is None or attempt >= self.attempts or not ctx.replayable:
+            return None
+        delay = self.backoff.delay(attempt)
+        if self.honor_retry_after:
+            headers = outcome.headers
+            retry_after = parse_retry_after(
+                headers.get("retry-after") or headers.get("Retry-After"), self.clock.wall()
+            )
+            if retry_after is not None:
+                if retry_after > self.retry_after_max:
+                    ctx.emit(RetryAfterTooLong(retry_after))
+                    return None
+                delay = retry_after
+        if not self._may_retry(ctx, reason, delay):
+            return None
+        outcome.release()
+        return reason, delay
 
     def _may_retry(self, ctx: RequestContext, reason: str, delay: float) -> bool:
         now = self.clock.now()

@@ -8,12 +8,12 @@ restores the outer deadline afterwards.
 
 from __future__ import annotations
 
-from asyncio import CancelledError, current_task
-from typing import Any
+from asyncio import CancelledError, Task, current_task
+from typing import Any, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
-from policies.deadlines import DeadlineQueue
+from policies.deadlines import DeadlineEntry, DeadlineQueue
 from policies.errors import TimedOut
 from policies.events import TimeoutFired
 
@@ -24,6 +24,7 @@ class TimeoutPolicy:
     __slots__ = ("duration", "name", "clock", "_event", "_message", "_deadlines")
 
     kind = "timeout"
+    needs_task = True  # to cancel it at the deadline
 
     def __init__(self, duration: float, *, name: str = "timeout", clock: Clock = SYSTEM_CLOCK) -> None:
         if duration <= 0:
@@ -36,25 +37,41 @@ class TimeoutPolicy:
         # not asyncio.timeout: one timer for all calls instead of one per call (see deadlines)
         self._deadlines = DeadlineQueue(duration, clock)
 
-    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+    # -- as a guard (policies.guard): register the deadline, settle it after the call
+
+    def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> DeadlineEntry:
+        assert task is not None
         outer = ctx.deadline
-        now = self.clock.now()
         deadline = now + self.duration
         if outer is None or deadline < outer:
             ctx.deadline = deadline
-        task = current_task()
-        assert task is not None
-        entry = self._deadlines.enter(task, now)
+        return self._deadlines.enter(task, deadline, outer)
+
+    def exit(self, ctx: RequestContext, entry: DeadlineEntry, started: float, outcome: Outcome) -> Outcome:
+        self._deadlines.leave(entry)
+        ctx.deadline = entry.outer
+        return outcome
+
+    def exit_error(
+        self, ctx: RequestContext, entry: DeadlineEntry, started: float, error: BaseException
+    ) -> NoReturn:
         try:
-            return await call(ctx)
-        except CancelledError:
-            if entry.expired and task.uncancel() <= entry.cancelling:
+            # our expiry, not another cancellation (the client left, an outer timeout)
+            if isinstance(error, CancelledError) and entry.expired and entry.task.uncancel() <= entry.cancelling:
                 ctx.emit(self._event)
                 raise TimedOut(self._message) from None
-            raise
+            raise error
         finally:
             self._deadlines.leave(entry)
-            ctx.deadline = outer
+            ctx.deadline = entry.outer
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        entry = self.enter(ctx, self.clock.now(), current_task())
+        try:
+            outcome = await call(ctx)
+        except BaseException as error:
+            self.exit_error(ctx, entry, 0.0, error)
+        return self.exit(ctx, entry, 0.0, outcome)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "duration": self.duration}

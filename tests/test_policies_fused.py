@@ -1,0 +1,171 @@
+"""A fused chain (policies.fused) behaves exactly like the same policies as nested layers.
+
+Each case runs the same requests through two copies of one chain, each with its
+own FakeClock: once composed (stretches of guards fused into one layer) and once
+as plain nested `partial` layers. Everything observable must agree: outcomes,
+errors, events in order, attempts, released responses, the clock, ctx.deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.base import Call, Policy, RequestContext, compose
+from policies.breaker_state import BreakerStateMachine
+from policies.bulkhead import BulkheadPolicy
+from policies.circuit_breaker import CircuitBreakerPolicy
+from policies.errors import FenderError, UpstreamReset, UpstreamUnavailable
+from policies.fallback import FallbackPolicy
+from policies.fused import FusedLayer
+from policies.guard import DEFER
+from policies.rate_limit import RateLimitPolicy
+from policies.retry import RetryPolicy
+from policies.testing import EventLog, FakeClock, Hang, ScriptedUpstream, make_ctx
+from policies.timeout import TimeoutPolicy
+
+Maker = Callable[[FakeClock], Policy]
+
+MAKERS: dict[str, Maker] = {
+    "timeout-1s": lambda clock: TimeoutPolicy(1.0, clock=clock),
+    "timeout-3s": lambda clock: TimeoutPolicy(3.0, clock=clock),
+    "retry": lambda clock: RetryPolicy(attempts=3, on=["connect-failure", "reset", "timeout", "5xx"],
+                                       clock=clock, rng=lambda: 0.5),
+    "retry-429": lambda clock: RetryPolicy(attempts=2, on=[429], clock=clock, rng=lambda: 0.0),
+    "breaker": lambda clock: CircuitBreakerPolicy(
+        BreakerStateMachine(consecutive_failures=2, open_for=2.0), clock=clock),
+    "rate_limit": lambda clock: RateLimitPolicy(rate=2, burst=3, clock=clock),
+    "rate_limit-wait": lambda clock: RateLimitPolicy(rate=2, burst=1, wait=0.6, clock=clock),
+    "rate_limit-shadow": lambda clock: RateLimitPolicy(rate=1, burst=1, shadow=True, clock=clock),
+    "bulkhead": lambda clock: BulkheadPolicy(1, clock=clock),
+    "fallback": lambda clock: FallbackPolicy(on=["circuit_open", "timeout", "5xx"], body="cached"),
+    "fallback-limits": lambda clock: FallbackPolicy(on=["rate_limited", "upstream_reset"], status=203),
+}
+
+STEPS: list[object] = [
+    200, 204, 503, 500, (429, {"retry-after": "1"}), (503, {"retry-after": "99"}),
+    UpstreamUnavailable("refused"), UpstreamReset("reset"), Hang(0.5), Hang(2.0), Hang(5.0, 503),
+]
+
+
+def nested(policies: list[Policy], terminal: Call) -> Call:
+    """The chain as it was before fusing: one coroutine layer per policy."""
+    call = terminal
+    for policy in reversed(policies):
+        call = partial(policy, call)
+    return call
+
+
+async def play(names: list[str], script: list[object], requests: list[tuple[str, float]], fuse: bool) -> list[Any]:
+    clock = FakeClock()
+    log = EventLog()
+    upstream = ScriptedUpstream(clock, *script)
+    policies = [MAKERS[name](clock) for name in names]
+    chain = compose(policies, upstream) if fuse else nested(policies, upstream)
+    seen: list[Any] = []
+    for method, pause in requests:
+        clock.advance(pause)
+        ctx = make_ctx(method, bus=log.bus)
+        try:
+            outcome = await chain(ctx)
+            result: Any = ("outcome", outcome.status, outcome.body)
+        except FenderError as exc:
+            result = ("error", type(exc).__name__, exc.message, exc.retry_after)
+        seen.append((result, ctx.attempts, ctx.deadline, clock.now(), len(log.events)))
+    seen.append((log.events, upstream.calls, upstream.released, clock.sleeps))
+    seen.append([getattr(p, "describe", lambda: None)() for p in policies])
+    return seen
+
+
+def run_both(names: list[str], script: list[object], requests: list[tuple[str, float]]) -> None:
+    fused = asyncio.run(play(names, script, requests, fuse=True))
+    unfused = asyncio.run(play(names, script, requests, fuse=False))
+    assert fused == unfused
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    names=st.lists(st.sampled_from(sorted(MAKERS)), min_size=1, max_size=6),
+    script=st.lists(st.sampled_from(range(len(STEPS))), min_size=1, max_size=8),
+    requests=st.lists(
+        st.tuples(st.sampled_from(["GET", "POST"]), st.sampled_from([0.0, 0.1, 1.0, 3.0])),
+        min_size=1, max_size=6,
+    ),
+)
+def test_fused_chain_matches_nested_layers(names: list[str], script: list[int],
+                                           requests: list[tuple[str, float]]) -> None:
+    run_both(names, [STEPS[i] for i in script], requests)
+
+
+FULL = ["rate_limit", "timeout-3s", "retry", "breaker", "timeout-1s"]
+
+
+@pytest.mark.parametrize("script", [
+    [200], [503], [503, 503, 200], [UpstreamUnavailable("x")], [UpstreamReset("x"), 200],
+    [Hang(2.0)], [Hang(0.5), 200], [Hang(5.0)], [(429, {"retry-after": "1"})],
+])
+def test_the_full_chain_matches_nested_layers(script: list[object]) -> None:
+    # five requests in a row: enough to trip the breaker, empty the bucket, then recover
+    run_both(FULL, script, [("GET", 0.0)] * 5 + [("GET", 3.0)] * 2)
+
+
+def test_the_full_chain_is_one_layer() -> None:
+    clock = FakeClock()
+    chain = compose([MAKERS[name](clock) for name in FULL], ScriptedUpstream(clock))
+    assert isinstance(chain, FusedLayer)
+    assert len(chain.guards) == 5
+
+
+def test_guards_on_different_clocks_are_not_fused() -> None:
+    a, b = FakeClock(), FakeClock()
+    chain = compose([TimeoutPolicy(1.0, clock=a), TimeoutPolicy(1.0, clock=b)], ScriptedUpstream(a))
+    assert isinstance(chain, FusedLayer) and len(chain.guards) == 1
+    assert isinstance(chain.innermost, FusedLayer) and len(chain.innermost.guards) == 1
+
+
+async def test_a_deferring_guard_runs_its_own_layer_around_the_rest() -> None:
+    clock = FakeClock()
+    limit = RateLimitPolicy(rate=1, burst=1, wait=2.0, clock=clock)
+    assert limit.enter(make_ctx(), clock.now(), None) is DEFER
+    upstream = ScriptedUpstream(clock, 200)
+    chain = compose([TimeoutPolicy(5.0, clock=clock), limit, TimeoutPolicy(1.0, clock=clock)], upstream)
+    ctx = make_ctx()
+    assert (await chain(ctx)).status == 200
+    assert (await chain(ctx)).status == 200  # waited a second for the token, inside the 5s budget
+    assert clock.sleeps == [pytest.approx(1.0)]
+    assert ctx.deadline is None
+
+
+async def test_a_failing_subscriber_unwinds_like_nested_layers() -> None:
+    for fuse in (True, False):
+        clock = FakeClock()
+        log = EventLog()
+
+        def boom(event: object, ctx: RequestContext) -> None:
+            raise RuntimeError(type(event).__name__)
+
+        log.bus.subscribe(boom)
+        breaker = CircuitBreakerPolicy(BreakerStateMachine(consecutive_failures=1), clock=clock)
+        timeout = TimeoutPolicy(1.0, clock=clock)
+        policies: list[Policy] = [timeout, breaker]
+        upstream = ScriptedUpstream(clock, 503)
+        chain = compose(policies, upstream) if fuse else nested(policies, upstream)
+        ctx = make_ctx(bus=log.bus)
+        with pytest.raises(RuntimeError, match="BreakerTransitioned"):
+            await chain(ctx)
+        assert ctx.deadline is None and len(timeout._deadlines) == 0
+        assert breaker.state.value == "open"
+
+
+async def test_fused_layer_needs_an_inner_call_per_guard() -> None:
+    clock = FakeClock()
+    with pytest.raises(ValueError):
+        FusedLayer([TimeoutPolicy(1.0, clock=clock)], [])
+
+
