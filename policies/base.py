@@ -131,5 +131,8 @@ def compose(policies: Sequence[Policy], terminal: Call) -> Call:
             if not is_guard(following) or not fusable([*guards, following]):
                 break
             guards.append(following)
-        layers[i] = FusedLayer(guards, layers[i + 1:i + 1 + len(guards)])
+        if len(guards) == 1:  # a lone guard is cheaper as its own layer than as a fused one
+            layers[i] = partial(policy, layers[i + 1])
+        else:
+            layers[i] = FusedLayer(guards, layers[i + 1:i + 1 + len(guards)])
     return layers[0]

@@ -125,8 +125,10 @@ def test_the_full_chain_is_one_layer() -> None:
 def test_guards_on_different_clocks_are_not_fused() -> None:
     a, b = FakeClock(), FakeClock()
     chain = compose([TimeoutPolicy(1.0, clock=a), TimeoutPolicy(1.0, clock=b)], ScriptedUpstream(a))
-    assert isinstance(chain, FusedLayer) and len(chain.guards) == 1
-    assert isinstance(chain.innermost, FusedLayer) and len(chain.innermost.guards) == 1
+    assert not isinstance(chain, FusedLayer)
+    fallback = FallbackPolicy()  # asks no clock: fuses with either
+    chain = compose([fallback, TimeoutPolicy(1.0, clock=a), TimeoutPolicy(1.0, clock=b)], ScriptedUpstream(a))
+    assert isinstance(chain, FusedLayer) and len(chain.guards) == 2
 
 
 async def test_a_deferring_guard_runs_its_own_layer_around_the_rest() -> None:
