@@ -38,8 +38,9 @@ def build(chain: str, terminal: Call) -> Call:
     return compose([p for _, p in policies], terminal)
 
 
-async def measure(calls: int, repeats: int) -> dict[str, list[float]]:
+async def measure(calls: int, repeats: int, give_task: bool) -> dict[str, list[float]]:
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task() if give_task else None
 
     async def terminal(ctx: RequestContext) -> Outcome:
         future = loop.create_future()
@@ -53,7 +54,7 @@ async def measure(calls: int, repeats: int) -> dict[str, list[float]]:
         for name, call in chains.items():
             started = time.perf_counter()
             for _ in range(calls):
-                await call(RequestContext("r", "GET", {}))
+                await call(RequestContext("r", "GET", {}, task=task))
             results[name].append(1e6 * (time.perf_counter() - started) / calls)
     return results
 
@@ -62,13 +63,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000, help="calls per chain per round")
     parser.add_argument("--repeats", type=int, default=7, help="rounds")
+    parser.add_argument("--task", action="store_true",
+                        help="requests carry their task, as the proxy can (aiohttp's request.task)")
     args = parser.parse_args()
     try:
         import uvloop
 
-        results = uvloop.run(measure(args.calls, args.repeats))
+        results = uvloop.run(measure(args.calls, args.repeats, args.task))
     except ImportError:
-        results = asyncio.run(measure(args.calls, args.repeats))
+        results = asyncio.run(measure(args.calls, args.repeats, args.task))
     base = min(results["empty"])
     base_median = statistics.median(results["empty"])
     print(f"{'':16s} {'min':>6s}          {'median':>6s}")

@@ -66,6 +66,7 @@ class RequestContext:
         "span",
         "bus",
         "extra",
+        "task",
     )
 
     def __init__(
@@ -78,6 +79,7 @@ class RequestContext:
         replayable: bool = True,
         request: Any = None,
         bus: EventBus | None = None,
+        task: Any = None,
     ) -> None:
         self.route = route
         self.method = method
@@ -91,6 +93,9 @@ class RequestContext:
         self.span: Any = None  # tracing slot, owned by telemetry
         self.bus = bus if bus is not None else NO_EVENTS
         self.extra: dict[str, Any] | None = None
+        # the asyncio task that runs the chain, when the caller knows it (aiohttp's `request.task`):
+        # timeouts need it, and asyncio.current_task() costs a getpid() syscall per call
+        self.task = task
 
     def emit(self, event: Event) -> None:
         self.bus.emit(event, self)

@@ -38,7 +38,7 @@ class FusedLayer:
     async def __call__(self, ctx: RequestContext) -> Outcome:
         guards = self.guards
         now = self.now()
-        task = current_task() if self.needs_task else None
+        task = (ctx.task or current_task()) if self.needs_task else None
         tokens: list[Any] = []
         outcome: Any = None
         error: BaseException | None = None

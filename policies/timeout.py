@@ -66,7 +66,7 @@ class TimeoutPolicy:
             ctx.deadline = entry.outer
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
-        entry = self.enter(ctx, self.clock.now(), current_task())
+        entry = self.enter(ctx, self.clock.now(), ctx.task or current_task())
         try:
             outcome = await call(ctx)
         except BaseException as error:

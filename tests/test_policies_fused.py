@@ -21,7 +21,7 @@ from policies.base import Call, Policy, RequestContext, compose
 from policies.breaker_state import BreakerStateMachine
 from policies.bulkhead import BulkheadPolicy
 from policies.circuit_breaker import CircuitBreakerPolicy
-from policies.errors import FenderError, UpstreamReset, UpstreamUnavailable
+from policies.errors import FenderError, TimedOut, UpstreamReset, UpstreamUnavailable
 from policies.fallback import FallbackPolicy
 from policies.fused import FusedLayer
 from policies.guard import DEFER
@@ -171,3 +171,13 @@ async def test_fused_layer_needs_an_inner_call_per_guard() -> None:
         FusedLayer([TimeoutPolicy(1.0, clock=clock)], [])
 
 
+
+
+async def test_a_task_given_with_the_request_is_the_one_a_timeout_cancels() -> None:
+    clock = FakeClock()
+    chain = compose([TimeoutPolicy(3.0, clock=clock), TimeoutPolicy(1.0, clock=clock)],
+                    ScriptedUpstream(clock, Hang(2.0)))
+    ctx = RequestContext("r", "GET", {}, task=asyncio.current_task())
+    with pytest.raises(TimedOut):
+        await chain(ctx)
+    assert clock.now() == pytest.approx(1001.0)
