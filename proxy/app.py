@@ -18,9 +18,9 @@ from config.settings import Settings, split_addr
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.events import EventBus
 from proxy.handler import InflightTracker, ProxyHandler
-from proxy.listener import ProxyServer
 from proxy.observer import NullObserver, RequestObserver
 from proxy.runtime import Runtime, RuntimeHolder, build_runtime
+from proxy.server import ProxyListener
 from proxy.upstream import UpstreamPool
 
 __all__ = ["FenderApp", "ReloadResult", "resolve_config_path"]
@@ -95,6 +95,7 @@ class FenderApp:
         self.reload_listeners: list[Any] = []  # callables(ReloadResult), e.g. metrics
         self._reload_lock = asyncio.Lock()
         self._runners: dict[str, web.BaseRunner] = {}
+        self._proxy: ProxyListener | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self.services: list[Any] = []  # objects with async start()/stop(), e.g. the saga service
         if redis_store is not None:
@@ -214,15 +215,14 @@ class FenderApp:
                 await service.start()
         drain = self.settings.drain_timeout
         handler = self.proxy_handler()
-        server = ProxyServer(handler, handler_cancellation=True, access_log=None)
-        server.on_refused = handler.refused
-        proxy_runner = web.ServerRunner(
-            # aiohttp's own access logger costs ~15% of a request; ours is telemetry's
-            server,
-            shutdown_timeout=drain,
-            handle_signals=False,
-        )
-        await self._start_runner("proxy", proxy_runner, proxy_addr)
+        listener = ProxyListener(handler, on_refused=handler.refused)
+        host, port = split_addr(proxy_addr)
+        try:
+            bound = await listener.start(host, port, reuse_port=self.settings.workers > 1, backlog=1024)
+        except OSError as exc:
+            raise OSError(exc.errno, f"proxy listener {proxy_addr}: {exc.strerror or exc}") from exc
+        self._proxy = listener
+        self.addresses["proxy"] = (host, bound)
         if self.settings.admin_addr != "":  # "" = not served (extra workers)
             await self._start_runner(
                 "admin", web.AppRunner(self.admin_app(), shutdown_timeout=drain, access_log=None), admin_addr
@@ -254,11 +254,12 @@ class FenderApp:
         self.draining = True
         self.ready = False
         log.info("draining", extra={"inflight": self.inflight.count})
-        for name in ("proxy", "admin"):
-            runner = self._runners.get(name)
-            if runner is not None:
-                for site in list(runner.sites):
-                    await site.stop()
+        if self._proxy is not None:
+            self._proxy.stop_accepting()
+        runner = self._runners.get("admin")
+        if runner is not None:
+            for site in list(runner.sites):
+                await site.stop()
         try:
             await asyncio.wait_for(self.inflight.wait_idle(), self.settings.drain_timeout)
         except TimeoutError:
@@ -270,7 +271,10 @@ class FenderApp:
 
     async def stop(self) -> None:
         self.ready = False
-        for name in ("proxy", "admin", "metrics"):
+        if self._proxy is not None:
+            await self._proxy.close(0.5 if self.draining else self.settings.drain_timeout)
+            self._proxy = None
+        for name in ("admin", "metrics"):
             runner = self._runners.pop(name, None)
             if runner is not None:
                 await runner.cleanup()

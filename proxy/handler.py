@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from random import getrandbits
 from time import perf_counter
 
@@ -26,6 +26,7 @@ from proxy.headers import forward_headers, strip_hop_by_hop
 from proxy.observer import NullObserver, RequestObserver
 from proxy.routing import normalize_host
 from proxy.runtime import RouteRuntime, RuntimeHolder
+from proxy.server import Exchange
 from proxy.upstream import OutboundRequest
 
 __all__ = ["ProxyHandler", "InflightTracker"]
@@ -36,7 +37,7 @@ _CONNECT_MESSAGE = (
     "Fender does not tunnel CONNECT: send plain http:// URLs through the proxy and let the "
     "route's https:// upstream originate TLS"
 )
-_NO_BODY_STATUSES = frozenset((204, 304))
+_NO_HEADERS: Mapping[str, str] = {}
 _SMALL_BODY = 64 * 1024
 _BODY_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
@@ -78,20 +79,17 @@ class ProxyHandler:
         self.observer: RequestObserver = observer or NullObserver()
         self.inflight = inflight or InflightTracker()
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Exchange) -> None:
         self.inflight.enter()
         try:
-            return await self._handle(request)
+            await self._handle(request)
         finally:
             self.inflight.leave()
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    async def _handle(self, request: Exchange) -> None:
         timer = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
         method = request.method
-        rel = request.rel_url
-        path = rel.raw_path
+        path = request.path
         headers = request.headers
         if method == "CONNECT":
             return self._unrouted(request, error_response(
@@ -108,7 +106,7 @@ class ProxyHandler:
             path = path[route.strip:] or "/"
             if not path.startswith("/"):
                 path = "/" + path
-        query = rel.raw_query_string
+        query = request.query_string
         path_qs = f"{path}?{query}" if query else path
 
         fwd = forward_headers(headers, drop_host=route.host_header is not None)
@@ -119,7 +117,8 @@ class ProxyHandler:
             fwd["x-request-id"] = f"{getrandbits(128):032x}"
         fwd.popall("expect", None)
 
-        ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus)
+        ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus,
+                             task=request.task)
         try:
             body = await self._request_body(request, route, ctx)
         except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
@@ -140,18 +139,18 @@ class ProxyHandler:
                 outcome = await route.call(ctx)
             except FenderError as exc:
                 outcome_kind = exc.kind
-                response: web.StreamResponse = rejection_response(exc, route.name, ctx.attempts)
+                response = rejection_response(exc, route.name, ctx.attempts)
                 status = response.status
-                return response
+                request.respond_with(response)
+                return
             status = outcome.status
             if outcome.body is not None:
                 outcome_kind = "fallback"
-                return self._static(outcome, route, ctx)
+                self._static(request, outcome, route, ctx)
+                return
             if status >= 500:
                 outcome_kind = "upstream_error"
-            response, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, started)
-            status = response.status  # a body that broke off early became a 502 or 504
-            return response
+            status, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, timer)
         except asyncio.CancelledError:
             outcome_kind = "client_abort"
             status = 499
@@ -159,39 +158,36 @@ class ProxyHandler:
         finally:
             observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
 
-    def refused(self, request: web.BaseRequest, status: int) -> None:
+    def refused(self, remote: str | None, status: int) -> None:
         """A request the HTTP parser refused (400): counted and logged, never forwarded."""
-        try:
-            path = request.rel_url.raw_path
-        except Exception:  # the parser gave up before there was a usable target
-            path = ""
-        self._record(request, "", path, status, "bad_request", 0.0)
+        self._record("", _NO_HEADERS, remote, "", "", status, "bad_request", 0.0)
 
     def _unrouted(
-        self, request: web.BaseRequest, response: web.Response, outcome: str, path: str, timer: float,
+        self, request: Exchange, response: web.Response, outcome: str, path: str, timer: float,
         *, route: str = "",
-    ) -> web.Response:
+    ) -> None:
         """Requests answered before any chain ran are still counted and logged."""
-        self._record(request, route, path, response.status, outcome, perf_counter() - timer)
-        return response
+        request.respond_with(response)
+        self._record(request.method, request.headers, request.remote, route, path, response.status, outcome,
+                     perf_counter() - timer)
 
     def _record(
-        self, request: web.BaseRequest, route: str, path: str, status: int, outcome: str, duration: float
+        self, method: str, headers: Mapping[str, str], remote: str | None, route: str, path: str, status: int,
+        outcome: str, duration: float,
     ) -> None:
-        ctx = RequestContext(route, request.method, request.headers, client_ip=request.remote, bus=self.bus)
-        self.observer.request_finished(ctx, request.method, path, status, outcome, duration)
+        ctx = RequestContext(route, method, headers, client_ip=remote, bus=self.bus)
+        self.observer.request_finished(ctx, method, path, status, outcome, duration)
 
     async def _request_body(
-        self, request: web.BaseRequest, route: RouteRuntime, ctx: RequestContext
+        self, request: Exchange, route: RouteRuntime, ctx: RequestContext
     ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
         if not request.body_exists:
             return None
         if request.headers.get("expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.send_continue()
         limit = route.buffer_limit
         length = request.content_length
         if limit and length is not None and length <= limit:
-            # not request.read(): that enforces aiohttp's client_max_size (1 MiB) over max_body
             return await request.content.readexactly(length) if length else b""
         ctx.replayable = False
         if limit and length is None:
@@ -208,29 +204,33 @@ class ProxyHandler:
         return request.content
 
     @staticmethod
-    def _static(outcome: Outcome, route: RouteRuntime, ctx: RequestContext) -> web.Response:
+    def _static(request: Exchange, outcome: Outcome, route: RouteRuntime, ctx: RequestContext) -> None:
         headers = CIMultiDict(outcome.headers)
-        headers.popall("content-length", None)
         headers["x-fender-route"] = route.name
         headers["x-fender-attempts"] = str(ctx.attempts)
-        return web.Response(status=outcome.status, body=outcome.body, headers=headers)
+        request.respond(outcome.status, headers, outcome.body or b"")
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         outcome: Outcome,
         route: RouteRuntime,
         ctx: RequestContext,
         outcome_kind: str,
-        started: float,
-    ) -> tuple[web.StreamResponse, str]:
+        timer: float,
+    ) -> tuple[int, str]:
+        """Relay the upstream response; returns the status the client saw and the outcome."""
         upstream: UpstreamResponse = outcome.response
         headers = strip_hop_by_hop(upstream.headers)
         headers["x-fender-route"] = route.name
         headers["x-fender-attempts"] = str(ctx.attempts)
         content = upstream.content
         # the route's total timeout also bounds the body (as Envoy's route timeout does)
-        deadline = started + route.body_budget if route.body_budget is not None else None
+        budget = route.body_budget
+        deadline = None
+        if budget is not None:
+            # (not asyncio.get_running_loop(): that costs a getpid() syscall)
+            deadline = request.loop.time() + budget - (perf_counter() - timer)
         length = upstream.content_length
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
@@ -242,61 +242,55 @@ class ProxyHandler:
                         body = await upstream.read()
             except _BODY_ERRORS:
                 upstream.close()
-                return error_response(
+                request.respond_with(error_response(
                     "upstream_reset", "the upstream broke off the response body", route.name,
                     attempts=ctx.attempts,
-                ), "upstream_reset"
+                ))
+                return 502, "upstream_reset"
             except TimeoutError:
                 upstream.close()
-                return error_response(
-                    "timeout", f"the response body did not arrive within {route.body_budget:g}s",
+                request.respond_with(error_response(
+                    "timeout", f"the response body did not arrive within {budget:g}s",
                     route.name, attempts=ctx.attempts,
-                ), "timeout"
+                ))
+                return 504, "timeout"
             except BaseException:
                 upstream.close()  # the client went away: the connection's state is unknown
                 raise
             upstream.release()
-            del headers["content-length"]
-            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers), outcome_kind
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            request.respond(upstream.status, headers, body, upstream.reason)
+            return upstream.status, outcome_kind
         try:
-            await response.prepare(request)
-            if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES:
+            if request.start(upstream.status, headers, upstream.reason, length):
                 if deadline is None:
-                    await _copy(content, response)
+                    await _copy(content, request)
                 else:
                     async with asyncio.timeout_at(deadline):
-                        await _copy(content, response)
+                        await _copy(content, request)
+                request.finish()
         except _BODY_ERRORS as exc:
             # the upstream broke mid-body: the client must see a broken response, not a short one
             log.debug("upstream reset mid-body on route %s: %s", route.name, exc)
             upstream.close()
-            _abort(request)
-            return response, "upstream_reset"
+            request.abort()
+            return upstream.status, "upstream_reset"
         except TimeoutError:
             upstream.close()
-            _abort(request)
-            return response, "timeout"
+            request.abort()
+            return upstream.status, "timeout"
         except BaseException:
             upstream.close()
             raise
         upstream.release()
-        await response.write_eof()
-        return response, outcome_kind
+        return upstream.status, outcome_kind
 
 
-async def _copy(content: aiohttp.StreamReader, response: web.StreamResponse) -> None:
+async def _copy(content: aiohttp.StreamReader, request: Exchange) -> None:
     while True:
         chunk = await content.readany()
         if not chunk:
             return
-        await response.write(chunk)
-
-
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+        await request.write(chunk)
 
 
 async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -1,0 +1,423 @@
+"""The proxy listener: a lean HTTP/1.1 server on aiohttp's C request parser.
+
+aiohttp's web server wraps every request in a Request, a StreamResponse and a payload
+writer, and composes each response head anew; in the running proxy that was the larger
+part of the CPU a proxied call cost. A proxy relays heads it already holds, so this server
+keeps what matters from aiohttp (the C parser with its limits, chunked decoding, the
+flow-controlled StreamReader for request bodies) and writes each response itself: one
+`transport.write` for a head and a small body.
+
+One task per connection serves its requests in order (pipelined requests wait their turn).
+A client that goes away cancels the request in progress, which abandons its upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_writer import HttpVersion10
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import error_response
+
+__all__ = ["Exchange", "ProxyListener", "Handler", "RefusedHook"]
+
+log = logging.getLogger("fender.proxy")
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_NO_BODY_STATUSES = frozenset((204, 304))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_READ_LIMIT = 2**16
+_MAX_QUEUED = 16  # pipelined requests held before reading from the client pauses
+_SWEEP_EVERY = 5.0
+
+
+class _Refusal:
+    """A request the parser refused, answered in its turn after those before it."""
+
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+class Exchange:
+    """One request on a client connection and the response written back to it.
+
+    The handler reads the request's fields and body (`content`) and answers exactly once:
+    `respond()` (head and whole body in one write) or `start()`, `write()`..., `finish()`.
+    """
+
+    __slots__ = ("method", "path", "query_string", "headers", "version", "host", "remote", "content",
+                 "should_close", "started", "finished", "_chunked", "_conn")
+
+    def __init__(self, message: Any, payload: StreamReader, conn: ServerConnection) -> None:
+        self.method: str = message.method
+        url = message.url
+        self.path: str = url.raw_path
+        self.query_string: str = url.raw_query_string
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.version = message.version
+        # absolute-form targets (HTTP_PROXY clients) name the host in the URL, as aiohttp reads it
+        self.host: str = url.raw_host if url.absolute else message.headers.get("host", "")
+        self.remote: str | None = conn.remote
+        self.content = payload
+        self.should_close: bool = message.should_close
+        self.started = False
+        self.finished = False
+        self._chunked = False
+        self._conn = conn
+
+    @property
+    def body_exists(self) -> bool:
+        return self.content is not EMPTY_PAYLOAD
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task serving this request (its connection's)."""
+        return self._conn._task
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._conn._loop
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    def send_continue(self) -> None:
+        transport = self._conn.transport
+        if transport is not None and not self.started:
+            transport.write(_CONTINUE)
+
+    def respond(self, status: int, headers: CIMultiDict[str], body: bytes = b"", reason: str | None = None) -> None:
+        """The whole response: head and body in one write (no body for HEAD, 204 and 304)."""
+        headers.popall("content-length", None)
+        if status in _NO_BODY_STATUSES:
+            framing, body = "", b""
+        else:
+            framing = f"Content-Length: {len(body)}\r\n"
+            if self.method == "HEAD":
+                body = b""
+        head = self._head(status, reason, headers, framing)
+        self.finished = True
+        transport = self._conn.transport
+        if transport is not None:
+            transport.write(head + body if body else head)
+
+    def respond_with(self, response: web.Response) -> None:
+        """A response built by `proxy.errors` (the JSON errors)."""
+        body = response.body
+        self.respond(response.status, CIMultiDict(response.headers),
+                     body if isinstance(body, bytes) else b"", response.reason)
+
+    def start(self, status: int, headers: CIMultiDict[str], reason: str | None = None,
+              length: int | None = None) -> bool:
+        """Send the head of a streamed response; False when no body may follow (HEAD, 204, 304)."""
+        no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES
+        headers.popall("content-length", None)
+        if length is not None and status not in _NO_BODY_STATUSES:
+            framing = f"Content-Length: {length}\r\n"
+        elif no_body:
+            framing = ""
+        elif self.version == HttpVersion10:
+            framing = ""  # an HTTP/1.0 client reads the body to the end of the connection
+            self.should_close = True
+        else:
+            framing = "Transfer-Encoding: chunked\r\n"
+            self._chunked = True
+        head = self._head(status, reason, headers, framing)
+        transport = self._conn.transport
+        if transport is not None:
+            transport.write(head)
+        if no_body:
+            self.finished = True
+        return not no_body
+
+    async def write(self, chunk: bytes) -> None:
+        conn = self._conn
+        transport = conn.transport
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if self._chunked:
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # no copy of the chunk
+        else:
+            transport.write(chunk)
+        if conn.writing_paused:
+            await conn._drain_helper()
+
+    def finish(self) -> None:
+        transport = self._conn.transport
+        if self._chunked and transport is not None:
+            transport.write(b"0\r\n\r\n")
+        self.finished = True
+
+    def abort(self) -> None:
+        """Break the connection: the client must see a cut response, not a short one."""
+        transport = self._conn.transport
+        if transport is not None:
+            transport.abort()
+
+    def _head(self, status: int, reason: str | None, headers: Mapping[str, str], framing: str) -> bytes:
+        if self.started:
+            raise RuntimeError("the response head was already sent")
+        self.started = True
+        conn = self._conn
+        if self.should_close or conn.server.draining or conn._stopped or not self.content.is_eof():
+            # (after an upgrade request nothing more is parsed; a request body not read to
+            # its end would be taken for the next request)
+            self.should_close = True
+            framing += "Connection: close\r\n"
+        elif self.version == HttpVersion10:
+            framing += "Connection: keep-alive\r\n"
+        return encode_head(status, reason, headers, framing)
+
+
+def encode_head(status: int, reason: str | None, headers: Mapping[str, str], framing: str) -> bytes:
+    """Status line, headers and the server's own framing lines, ready to write."""
+    if "date" not in headers:
+        framing += f"Date: {_http_date()}\r\n"
+    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.append(framing)
+    lines.append("\r\n")
+    head = "".join(lines)
+    # values come from the parser, the config or Fender itself; a CR or LF in one would split
+    # the head (response splitting): refuse to send it. Counting is cheaper than a check per value.
+    breaks = head.count("\r\n")
+    if breaks != len(lines) - 1 + framing.count("\r\n") or head.count("\n") != breaks or head.count("\r") != breaks:
+        raise ValueError("a response header contains CR or LF")
+    return head.encode("utf-8", "surrogateescape")
+
+
+_date_second = 0
+_date_text = ""
+
+
+def _http_date() -> str:
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_text = now, formatdate(now, usegmt=True)
+    return _date_text
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+RefusedHook = Callable[[str | None, int], None]
+
+
+class ServerConnection(BaseProtocol):
+    """One client connection: parse, queue, and serve its requests in order."""
+
+    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_stopped")
+
+    def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.server = server
+        self._parser = HttpRequestParser(
+            self, loop, _READ_LIMIT, max_line_size=8190, max_field_size=8190, auto_decompress=False,
+        )
+        self.remote: str | None = None
+        self.last_active = loop.time()
+        self._queue: deque[tuple[Any, StreamReader]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False  # nothing more is parsed: after an upgrade, a refusal or the close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple | list) and peer:
+            self.remote = str(peer[0])
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        self._stopped = True
+        self._queue.clear()
+        try:
+            self._parser.feed_eof()  # type: ignore[union-attr]
+        except Exception:
+            pass  # a body cut short: the request in progress is cancelled below
+        if self._task is not None:
+            self._task.cancel()  # the client left: abandon its request (and its upstream call)
+
+    def eof_received(self) -> bool:
+        # a client that closes its side has gone (as aiohttp's server reads it too): the
+        # transport closes, and the request in progress is cancelled
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        # aiohttp >= 3.14 also calls this with b"" from resume_reading() to resume the parser
+        if self._stopped:
+            return
+        self.last_active = self._loop.time()
+        try:
+            messages, upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
+        except HttpProcessingError as exc:
+            self._stopped = True
+            self._enqueue([(_Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message), EMPTY_PAYLOAD)])
+            return
+        if upgraded:
+            self._stopped = True  # CONNECT or Upgrade: what follows is not HTTP we parse
+        if messages:
+            self._enqueue(messages)
+
+    def _enqueue(self, messages: Any) -> None:
+        self._queue.extend(messages)
+        if self._task is None:
+            self._task = self._loop.create_task(self._serve())
+        elif len(self._queue) > _MAX_QUEUED and self.transport is not None:
+            self._pause_transport_reading()
+
+    async def _serve(self) -> None:
+        queue = self._queue
+        handler = self.server.handler
+        try:
+            while queue:
+                message, payload = queue.popleft()
+                if self.transport is None:
+                    return
+                if len(queue) == _MAX_QUEUED:
+                    self._resume_transport_reading()
+                if isinstance(message, _Refusal):
+                    self._refuse(message)
+                    return
+                exchange = Exchange(message, payload, self)
+                try:
+                    await handler(exchange)
+                except (asyncio.CancelledError, ConnectionError):
+                    self._close(abort=True)
+                    return
+                except Exception:
+                    log.exception("unexpected error while serving %s %s", exchange.method, exchange.path)
+                    if not exchange.started:
+                        self._internal_error(exchange)
+                    self._close(abort=exchange.started and not exchange.finished)
+                    return
+                if not exchange.finished:
+                    self._close(abort=True)  # a response left unfinished must not look complete
+                    return
+                self.last_active = self._loop.time()
+                if exchange.should_close or self.server.draining or self._stopped:
+                    self._close()
+                    return
+        finally:
+            self._task = None
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        text = (refusal.message or "").strip().splitlines()
+        detail = text[0].rstrip(":") if text else "malformed HTTP request"
+        response = error_response("bad_request", f"malformed request: {detail}", status=refusal.status)
+        _send_and_close(self, response)
+        hook = self.server.on_refused
+        if hook is not None:
+            hook(self.remote, refusal.status)
+
+    def _internal_error(self, exchange: Exchange) -> None:
+        exchange.should_close = True
+        exchange.respond_with(error_response("internal_error", "Fender failed to handle the request", status=500))
+
+    def _close(self, *, abort: bool = False) -> None:
+        self._stopped = True
+        transport = self.transport
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue
+
+
+def _send_and_close(conn: ServerConnection, response: web.Response) -> None:
+    transport = conn.transport
+    if transport is None:
+        return
+    body = response.body if isinstance(response.body, bytes) else b""
+    headers = CIMultiDict(response.headers)
+    headers.popall("content-length", None)
+    head = encode_head(response.status, response.reason, headers,
+                       f"Content-Length: {len(body)}\r\nConnection: close\r\n")
+    transport.write(head + body)
+    conn._close()
+
+
+class ProxyListener:
+    """The proxy's listening socket and its client connections."""
+
+    def __init__(self, handler: Handler, *, on_refused: RefusedHook | None = None,
+                 keepalive_timeout: float = 75.0) -> None:
+        self.handler = handler
+        self.on_refused = on_refused
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[ServerConnection] = set()
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> int:
+        """Listen; returns the port bound (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self, loop), host, port, reuse_port=reuse_port or None, backlog=backlog,
+        )
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+        sockets = self._server.sockets or ()
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return int(sock.getsockname()[1])
+        return port
+
+    def _sweep(self) -> None:
+        # one timer for all connections: close those idle past the keep-alive timeout
+        loop = asyncio.get_running_loop()
+        limit = loop.time() - self.keepalive_timeout
+        for conn in list(self.connections):
+            if conn.idle and conn.last_active < limit:
+                conn._close()
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+
+    def stop_accepting(self) -> None:
+        """Draining: no new connections; each open one closes after its current response."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn._close()
+
+    async def close(self, timeout: float) -> None:
+        """Stop: wait up to `timeout` for responses in progress, then cut what is left."""
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(not c.idle for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn._close(abort=not conn.idle)
+        self.connections.clear()

@@ -1,0 +1,139 @@
+"""The proxy listener's own HTTP/1.1: keep-alive, pipelining, HTTP/1.0, framing, idle clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from proxy.server import encode_head
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/stream":
+            response = web.StreamResponse()  # no length: chunked upstream
+            await response.prepare(request)
+            for part in (b"one,", b"two,", b"three"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        return web.Response(text=f"{request.method} {request.path_qs} {len(body)}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return await aiohttp_server(app)
+
+
+@pytest.fixture
+async def proxy(upstream, start_fender):
+    return await start_fender(f"routes: [{{name: up, match: {{host: x}}, upstream: 'http://127.0.0.1:{upstream.port}'}}]")
+
+
+async def exchange(fender, data: bytes, *, until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(data)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        received = await reader.read() if until_close else await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return received
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(proxy):
+    requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5))
+    data = await exchange(proxy, requests + b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    bodies = [part.split(b"\r\n\r\n", 1)[1][:20] for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+    assert [b.split(b" ")[1] for b in bodies] == [b"/0", b"/1", b"/2", b"/3", b"/4", b"/last"]
+    assert data.count(b"Connection: close") == 1  # only the last answer ends the connection
+
+
+async def test_http10_client_gets_a_length_and_the_connection_closes(proxy):
+    data = await exchange(proxy, b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: %d" % len(body) in head
+    assert b"Connection: close" in head
+    assert body == b"GET /old 0"
+
+
+async def test_http10_keep_alive_is_honoured(proxy):
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    for i in range(2):
+        writer.write(b"GET /k%d HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n" % i)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Connection: keep-alive" in head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        assert await reader.readexactly(length) == b"GET /k%d 0" % i
+    writer.close()
+
+
+async def test_unknown_length_is_chunked_for_http11_and_close_delimited_for_http10(proxy):
+    data = await exchange(proxy, b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head
+    assert body.endswith(b"0\r\n\r\n") and b"three" in body
+    data = await exchange(proxy, b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head and b"Content-Length" not in head
+    assert body == b"one,two,three"
+
+
+async def test_head_keeps_the_upstream_length_and_sends_no_body(proxy):
+    data = await exchange(proxy, b"HEAD /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: 9" in head  # the upstream's length of "HEAD /h 0"
+    assert body == b""
+
+
+async def test_unread_request_body_closes_the_connection_instead_of_desyncing(proxy):
+    # a 404 answers before the (unread, still arriving) body: the rest must not be parsed as a request
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    writer.write(b"POST / HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 100000\r\n\r\n" + b"G" * 1000)
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404") and b"Connection: close" in head
+        await reader.read()  # and the connection ends there
+    writer.close()
+
+
+async def test_answers_carry_a_date(proxy):
+    data = await exchange(proxy, b"GET /nowhere HTTP/1.1\r\nHost: unknown\r\nConnection: close\r\n\r\n")
+    assert b"\r\nDate: " in data.split(b"\r\n\r\n")[0]
+
+
+async def test_idle_keep_alive_connections_are_closed(upstream, start_fender, monkeypatch):
+    import proxy.server as server
+
+    monkeypatch.setattr(server, "_SWEEP_EVERY", 0.05)
+    fender = await start_fender(f"routes: [{{name: up, upstream: 'http://127.0.0.1:{upstream.port}'}}]")
+    fender.app._proxy.keepalive_timeout = 0.1
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"GET / 0")
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""  # closed by Fender, not by the test
+    writer.close()
+
+
+def test_a_header_value_with_a_line_break_is_never_written():
+    with pytest.raises(ValueError):
+        encode_head(200, None, {"x-a": "1\r\nSet-Cookie: evil=1"}, "")
+    with pytest.raises(ValueError):
+        encode_head(200, None, {"x-a": "1\nx-b: 2"}, "")
+    assert encode_head(200, None, {"x-a": "1"}, "Content-Length: 0\r\n").startswith(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n")
+
+
+async def test_draining_answers_with_connection_close(proxy):
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Connection: close" not in head
+    await reader.readuntil(b"GET /a 0")
+    proxy.app._proxy.draining = True  # as SIGTERM sets it, without closing idle connections yet
+    writer.write(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    writer.close()
