@@ -102,6 +102,15 @@ def _run(config: str | None, workers: int | None) -> int:
         return 1
 
 
+_stop_requested = False
+
+
+def request_stop(_signum: int, _frame: object) -> None:
+    """A signal handler for before the event loop runs: `serve` stops as soon as it started."""
+    global _stop_requested
+    _stop_requested = True
+
+
 def _run_loop(settings: object) -> int:
     try:
         import uvloop
@@ -125,6 +134,8 @@ async def serve(settings: object) -> int:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload("sighup")))
+    if _stop_requested:
+        stopping.set()
     await stopping.wait()
     await app.drain_and_stop()
     return 0

@@ -39,9 +39,13 @@ def run_workers(settings: Settings) -> int:
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes it over
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            from proxy.cli import request_stop
+
+            # until the worker's loop takes them over: a stop asked for while the worker starts
+            # is remembered (SIG_DFL would kill it, and the parent would report a failure)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, request_stop)
+            signal.signal(signal.SIGINT, request_stop)
             os.environ["FENDER_WORKER_INDEX"] = str(index)
             os._exit(_child(settings, index))
         children[pid] = index

@@ -37,7 +37,7 @@ def test_sigterm_stops_every_worker_with_exit_0(tmp_path):
     workers = worker_pids(proc.pid)
     assert len(workers) == 2
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0
+    assert proc.wait(20) == 0, proc.stderr.read()
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
 
