@@ -396,7 +396,10 @@ async def _send_stream(
             transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # no copy of the chunk
         else:
             transport.write(chunk)
-        await conn.drain()
+        try:
+            await conn.drain()
+        except ConnectionError as exc:  # the upstream went away while it held our body back
+            raise ResponseFailed(f"the upstream closed the connection while the request body was sent: {exc}") from exc
     if chunked and conn.transport is not None:
         conn.transport.write(b"0\r\n\r\n")
     conn._sent_all = True

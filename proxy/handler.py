@@ -128,6 +128,10 @@ class ProxyHandler:
                 request, error_response("bad_request", message, route.name), "bad_request", path, timer,
                 route=route.name,
             )
+        except asyncio.CancelledError:  # the client left while its body was being read
+            self._record(method, headers, request.remote, route.name, path, 499, "client_abort",
+                         perf_counter() - timer)
+            raise
         ctx.request = OutboundRequest(method, path_qs, fwd, body)
         observer = self.observer
         observer.request_started(ctx, headers)
@@ -142,6 +146,15 @@ class ProxyHandler:
                 response = rejection_response(exc, route.name, ctx.attempts)
                 status = response.status
                 request.respond_with(response)
+                return
+            except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
+                # a streamed request body broke off or was malformed (say a bad chunk) mid-call
+                outcome_kind = "bad_request"
+                status = 400
+                request.respond_with(error_response(
+                    "bad_request", f"the request body could not be read: {getattr(exc, 'message', None) or exc}",
+                    route.name, attempts=ctx.attempts,
+                ))
                 return
             status = outcome.status
             if outcome.body is not None:

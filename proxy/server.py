@@ -43,6 +43,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _READ_LIMIT = 2**16
 _MAX_QUEUED = 16  # pipelined requests held before reading from the client pauses
 _SWEEP_EVERY = 5.0
+_LINGER_SECONDS = 10.0  # as aiohttp's server: how long an unread request body is read and dropped
+_LINGER_BYTES = 64 * 2**20
 
 
 class _Refusal:
@@ -180,16 +182,19 @@ class Exchange:
     def _head(self, status: int, reason: str | None, headers: Mapping[str, str], framing: str) -> bytes:
         if self.started:
             raise RuntimeError("the response head was already sent")
-        self.started = True
         conn = self._conn
-        if self.should_close or conn.server.draining or conn._stopped or not self.content.is_eof():
-            # (after an upgrade request nothing more is parsed; a request body not read to
-            # its end would be taken for the next request)
+        if self.should_close or conn.server.draining or not self.content.is_eof() or (
+            conn._stopped and not conn._queue
+        ):
+            # (a request body not read to its end would be taken for the next request; after an
+            # upgrade request or a malformed one nothing more is parsed)
             self.should_close = True
             framing += "Connection: close\r\n"
         elif self.version == HttpVersion10:
             framing += "Connection: keep-alive\r\n"
-        return encode_head(status, reason, headers, framing)
+        head = encode_head(status, reason, headers, framing)
+        self.started = True
+        return head
 
 
 def encode_head(status: int, reason: str | None, headers: Mapping[str, str], framing: str) -> bytes:
@@ -228,19 +233,22 @@ RefusedHook = Callable[[str | None, int], None]
 class ServerConnection(BaseProtocol):
     """One client connection: parse, queue, and serve its requests in order."""
 
-    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_stopped")
+    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_stopped", "_body")
 
     def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.server = server
-        self._parser = HttpRequestParser(
+        # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded)
+        parser = HttpRequestParser(
             self, loop, _READ_LIMIT, max_line_size=8190, max_field_size=8190, auto_decompress=False,
+            max_msg_queue_size=_MAX_QUEUED,
         )
+        super().__init__(loop, parser)
+        self.server = server
         self.remote: str | None = None
         self.last_active = loop.time()
         self._queue: deque[tuple[Any, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False  # nothing more is parsed: after an upgrade, a refusal or the close
+        self._body: StreamReader | None = None  # the body the parser is filling, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -261,6 +269,10 @@ class ServerConnection(BaseProtocol):
         if self._task is not None:
             self._task.cancel()  # the client left: abandon its request (and its upstream call)
 
+    def resume_writing(self) -> None:
+        self.last_active = self._loop.time()  # a slow reader that reads is not a stuck one
+        super().resume_writing()
+
     def eof_received(self) -> bool:
         # a client that closes its side has gone (as aiohttp's server reads it too): the
         # transport closes, and the request in progress is cancelled
@@ -275,40 +287,53 @@ class ServerConnection(BaseProtocol):
             messages, upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
         except HttpProcessingError as exc:
             self._stopped = True
+            body = self._body
+            if body is not None and not body.is_eof():
+                body.set_exception(exc)  # (say a malformed chunk): the request reading it fails now
             self._enqueue([(_Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message), EMPTY_PAYLOAD)])
             return
         if upgraded:
             self._stopped = True  # CONNECT or Upgrade: what follows is not HTTP we parse
         if messages:
+            self._body = messages[-1][1]
             self._enqueue(messages)
 
     def _enqueue(self, messages: Any) -> None:
         self._queue.extend(messages)
         if self._task is None:
             self._task = self._loop.create_task(self._serve())
-        elif len(self._queue) > _MAX_QUEUED and self.transport is not None:
-            self._pause_transport_reading()
+        if len(self._queue) >= _MAX_QUEUED and not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
+    def _next(self) -> tuple[Any, StreamReader]:
+        item = self._queue.popleft()
+        self._parser.message_consumed()  # type: ignore[union-attr]
+        if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+            self.data_received(b"")  # parse what waited in the parser, then read again
+            if len(self._queue) < _MAX_QUEUED:
+                self._resume_reading_for_buffer()
+        return item
 
     async def _serve(self) -> None:
         queue = self._queue
         handler = self.server.handler
         try:
             while queue:
-                message, payload = queue.popleft()
+                message, payload = self._next()
                 if self.transport is None:
                     return
-                if len(queue) == _MAX_QUEUED:
-                    self._resume_transport_reading()
                 if isinstance(message, _Refusal):
                     self._refuse(message)
                     return
                 exchange = Exchange(message, payload, self)
                 try:
                     await handler(exchange)
-                except (asyncio.CancelledError, ConnectionError):
-                    self._close(abort=True)
+                except asyncio.CancelledError:
+                    self._close(abort=True)  # the client left
                     return
-                except Exception:
+                except Exception as exc:
+                    if isinstance(exc, ConnectionError) and self.transport is None:
+                        return  # the client left while its response was written
                     log.exception("unexpected error while serving %s %s", exchange.method, exchange.path)
                     if not exchange.started:
                         self._internal_error(exchange)
@@ -317,12 +342,41 @@ class ServerConnection(BaseProtocol):
                 if not exchange.finished:
                     self._close(abort=True)  # a response left unfinished must not look complete
                     return
+                if self.writing_paused:
+                    # the client does not read: serve nothing more until it does (memory stays bounded)
+                    try:
+                        await self._drain_helper()
+                    except ConnectionError:
+                        return
                 self.last_active = self._loop.time()
-                if exchange.should_close or self.server.draining or self._stopped:
+                if exchange.should_close or self.server.draining:
+                    if not payload.is_eof():
+                        await self._linger(payload)
+                    self._close()
+                    return
+                if self._stopped and not queue:
                     self._close()
                     return
         finally:
             self._task = None
+
+    async def _linger(self, payload: StreamReader) -> None:
+        """Read and drop what is left of a request body before closing.
+
+        Closing with unread bytes in the socket makes the kernel send a reset, and a client
+        still sending its upload may then never read the answer (a 404 or 413) it was sent.
+        """
+        deadline = self._loop.time() + _LINGER_SECONDS
+        dropped = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while dropped < _LINGER_BYTES:
+                    chunk = await payload.readany()
+                    if not chunk:
+                        return
+                    dropped += len(chunk)
+        except (TimeoutError, ConnectionError, HttpProcessingError, asyncio.IncompleteReadError):
+            pass
 
     def _refuse(self, refusal: _Refusal) -> None:
         text = (refusal.message or "").strip().splitlines()
@@ -391,12 +445,15 @@ class ProxyListener:
         return port
 
     def _sweep(self) -> None:
-        # one timer for all connections: close those idle past the keep-alive timeout
+        # one timer for all connections: close those idle past the keep-alive timeout, and those
+        # whose client has read nothing of a response for as long
         loop = asyncio.get_running_loop()
         limit = loop.time() - self.keepalive_timeout
         for conn in list(self.connections):
-            if conn.idle and conn.last_active < limit:
-                conn._close()
+            if conn.last_active < limit and (conn.idle or conn.writing_paused):
+                # a client that reads nothing would keep a closing transport's buffer forever
+                transport = conn.transport
+                conn._close(abort=transport is not None and transport.get_write_buffer_size() > 0)
         self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def stop_accepting(self) -> None:

@@ -88,14 +88,43 @@ async def test_head_keeps_the_upstream_length_and_sends_no_body(proxy):
     assert body == b""
 
 
-async def test_unread_request_body_closes_the_connection_instead_of_desyncing(proxy):
-    # a 404 answers before the (unread, still arriving) body: the rest must not be parsed as a request
+async def test_an_answer_before_the_upload_ends_is_read_by_the_client_then_the_connection_closes(proxy):
+    # the rest of the body must not be parsed as a request, and closing at once would reset
+    # the connection under a client still sending (it might never read the 404)
     reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
     writer.write(b"POST / HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 100000\r\n\r\n" + b"G" * 1000)
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 404") and b"Connection: close" in head
-        await reader.read()  # and the connection ends there
+        writer.write((b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4000)[:99000])  # the body's rest
+        await writer.drain()
+        rest = await reader.read()  # the 404's body, then the close: no answer to the "requests"
+    assert b"HTTP/1.1" not in rest
+    writer.close()
+
+
+async def test_pipelining_and_unread_answers_stay_bounded(proxy):
+    # a client that pipelines thousands of requests and reads nothing must not make Fender
+    # queue them all, nor buffer every answer
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    writer.write(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" * 20000)
+    await asyncio.sleep(0.5)
+    (conn,) = [c for c in proxy.app._proxy.connections]
+    assert len(conn._queue) <= 16
+    assert conn.transport.get_write_buffer_size() < 4 * 2**20
+    writer.transport.abort()
+
+
+async def test_a_malformed_chunk_mid_body_is_answered_at_once(proxy):
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"zz-not-a-size\r\n")
+    async with asyncio.timeout(5):
+        data = await reader.read()
+    assert data.startswith(b"HTTP/1.1 400") and b"bad_request" in data
+    assert proxy.app.inflight.count == 0
     writer.close()
 
 
