@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from multidict import CIMultiDict
-from yarl import URL
 
 from policies.base import RequestContext
 
@@ -21,7 +20,7 @@ class RequestObserver(Protocol):
         """Before the chain runs; `headers` are the inbound request's (for traceparent)."""
 
     def attempt_started(
-        self, ctx: RequestContext, method: str, url: URL, headers: CIMultiDict[str]
+        self, ctx: RequestContext, method: str, url: str, headers: CIMultiDict[str]
     ) -> Any:
         """Before each upstream attempt; may add headers (traceparent). Returns a token."""
 
@@ -42,7 +41,7 @@ class NullObserver:
         return None
 
     def attempt_started(
-        self, ctx: RequestContext, method: str, url: URL, headers: CIMultiDict[str]
+        self, ctx: RequestContext, method: str, url: str, headers: CIMultiDict[str]
     ) -> Any:
         return None
 

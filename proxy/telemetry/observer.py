@@ -7,7 +7,6 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from multidict import CIMultiDict
-from yarl import URL
 
 from policies.base import RequestContext
 from policies.events import Event
@@ -51,7 +50,7 @@ class TelemetryObserver:
         if tracing is not None:
             ctx.span = tracing.request_span(ctx, headers)
 
-    def attempt_started(self, ctx: RequestContext, method: str, url: URL, headers: CIMultiDict[str]) -> Any:
+    def attempt_started(self, ctx: RequestContext, method: str, url: str, headers: CIMultiDict[str]) -> Any:
         tracing = self.tracing
         if tracing is None:
             return None

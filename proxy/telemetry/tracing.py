@@ -153,7 +153,7 @@ class Tracing:
         return span
 
     def attempt_span(
-        self, ctx: RequestContext, method: str, url: URL, headers: MutableMapping[str, str]
+        self, ctx: RequestContext, method: str, full_url: str, headers: MutableMapping[str, str]
     ) -> Span | None:
         """CLIENT span for one upstream attempt; its context goes upstream in `traceparent`."""
         parent = ctx.span
@@ -168,11 +168,12 @@ class Tracing:
         )
         headers["traceparent"] = format_traceparent(span)
         if span.is_recording():
+            url = URL(full_url, encoded=True)
             attributes = _method_attributes(method)
             attributes["server.address"] = url.raw_host or ""
             if url.port is not None:
                 attributes["server.port"] = url.port
-            attributes["url.full"] = str(url)
+            attributes["url.full"] = full_url
             if ctx.attempts > 1:
                 attributes["http.request.resend_count"] = ctx.attempts - 1
             span.set_attributes(attributes)
