@@ -118,6 +118,12 @@ class UpstreamConnection(BaseProtocol):
         else:
             self.pool.release(self)
 
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        # aiohttp's StreamReader calls this after every read of a body; only a paused protocol
+        # has anything to resume (aiohttp 3.14 would re-enter data_received each time)
+        if self._reading_paused:
+            super().resume_reading(*args, **kwargs)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._should_close = True

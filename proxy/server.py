@@ -233,7 +233,7 @@ RefusedHook = Callable[[str | None, int], None]
 class ServerConnection(BaseProtocol):
     """One client connection: parse, queue, and serve its requests in order."""
 
-    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_stopped", "_body")
+    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_waiter", "_stopped", "_body")
 
     def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
         # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded)
@@ -246,7 +246,10 @@ class ServerConnection(BaseProtocol):
         self.remote: str | None = None
         self.last_active = loop.time()
         self._queue: deque[tuple[Any, StreamReader]] = deque()
+        # one task serves the connection while it lives, waiting on `_waiter` between requests
+        # (cheaper than a task per request: no Task to build and register each time)
         self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._stopped = False  # nothing more is parsed: after an upgrade, a refusal or the close
         self._body: StreamReader | None = None  # the body the parser is filling, if any
 
@@ -268,6 +271,12 @@ class ServerConnection(BaseProtocol):
             pass  # a body cut short: the request in progress is cancelled below
         if self._task is not None:
             self._task.cancel()  # the client left: abandon its request (and its upstream call)
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        # aiohttp's StreamReader calls this after every read of a request body; only a paused
+        # protocol has anything to resume (aiohttp 3.14 would re-enter data_received each time)
+        if self._reading_paused:
+            super().resume_reading(*args, **kwargs)
 
     def resume_writing(self) -> None:
         self.last_active = self._loop.time()  # a slow reader that reads is not a stuck one
@@ -300,7 +309,12 @@ class ServerConnection(BaseProtocol):
 
     def _enqueue(self, messages: Any) -> None:
         self._queue.extend(messages)
-        if self._task is None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._task is None:
             self._task = self._loop.create_task(self._serve())
         if len(self._queue) >= _MAX_QUEUED and not self._buffer_paused:
             self._pause_reading_for_buffer()
@@ -318,7 +332,11 @@ class ServerConnection(BaseProtocol):
         queue = self._queue
         handler = self.server.handler
         try:
-            while queue:
+            while True:
+                if not queue:
+                    self._waiter = self._loop.create_future()
+                    await self._waiter  # the next request (cancelled when the client leaves)
+                    continue
                 message, payload = self._next()
                 if self.transport is None:
                     return
@@ -359,6 +377,7 @@ class ServerConnection(BaseProtocol):
                     return
         finally:
             self._task = None
+            self._waiter = None
 
     async def _linger(self, payload: StreamReader) -> None:
         """Read and drop what is left of a request body before closing.
@@ -402,7 +421,7 @@ class ServerConnection(BaseProtocol):
 
     @property
     def idle(self) -> bool:
-        return self._task is None and not self._queue
+        return not self._queue and (self._task is None or self._waiter is not None)
 
 
 def _send_and_close(conn: ServerConnection, response: web.Response) -> None:

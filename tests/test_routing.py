@@ -48,3 +48,22 @@ def test_normalize_host_handles_ipv6_and_trailing_dot():
     assert normalize_host("[::1]:8080") == "::1"
     assert normalize_host("Example.COM.") == "example.com"
     assert normalize_host(None) == ""
+
+
+def test_first_match_wins_across_host_kinds_and_beyond_the_host_cache():
+    # the per-host shortlist keeps config order between exact, wildcard and host-less routes
+    router = Router([
+        (matcher(path_prefix="/first"), "anyhost-first"),
+        (matcher(host="*.example.com"), "wild"),
+        (matcher(host="api.example.com"), "exact-after-wild"),
+        (matcher(host="other"), "other"),
+        (matcher(), "fallback"),
+    ])
+    for _ in range(2):  # the second time from the shortlist kept for the host
+        assert router.match("api.example.com", "/first/x", "GET", {}) == "anyhost-first"
+        assert router.match("api.example.com", "/", "GET", {}) == "wild"
+        assert router.match("other", "/", "GET", {}) == "other"
+        assert router.match("nothing", "/", "GET", {}) == "fallback"
+    for i in range(3000):  # more distinct hosts than are kept: still matched, memory bounded
+        assert router.match(f"h{i}.example.com", "/", "GET", {}) == "wild"
+    assert len(router._by_host) <= 1024
