@@ -108,8 +108,8 @@ class Exchange:
 
     def send_continue(self) -> None:
         transport = self._conn.transport
-        if transport is not None and not self.started:
-            transport.write(_CONTINUE)
+        if transport is not None and not self.started and self.version != HttpVersion10:
+            transport.write(_CONTINUE)  # (never to an HTTP/1.0 client: RFC 9110, 15.2.1)
 
     def respond(self, status: int, headers: CIMultiDict[str], body: bytes = b"", reason: str | None = None) -> None:
         """The whole response: head and body in one write (no body for HEAD, 204 and 304)."""
@@ -233,7 +233,8 @@ RefusedHook = Callable[[str | None, int], None]
 class ServerConnection(BaseProtocol):
     """One client connection: parse, queue, and serve its requests in order."""
 
-    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_waiter", "_stopped", "_body")
+    __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_waiter", "_stopped", "_body",
+                 "_last_method")
 
     def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
         # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded)
@@ -252,6 +253,7 @@ class ServerConnection(BaseProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._stopped = False  # nothing more is parsed: after an upgrade, a refusal or the close
         self._body: StreamReader | None = None  # the body the parser is filling, if any
+        self._last_method = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -293,7 +295,7 @@ class ServerConnection(BaseProtocol):
             return
         self.last_active = self._loop.time()
         try:
-            messages, upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
+            messages, upgraded, tail = self._parser.feed_data(data)  # type: ignore[union-attr]
         except HttpProcessingError as exc:
             self._stopped = True
             body = self._body
@@ -301,11 +303,19 @@ class ServerConnection(BaseProtocol):
                 body.set_exception(exc)  # (say a malformed chunk): the request reading it fails now
             self._enqueue([(_Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message), EMPTY_PAYLOAD)])
             return
-        if upgraded:
-            self._stopped = True  # CONNECT or Upgrade: what follows is not HTTP we parse
         if messages:
             self._body = messages[-1][1]
+            self._last_method = messages[-1][0].method
             self._enqueue(messages)
+        if upgraded:
+            if self._last_method == "CONNECT":
+                self._stopped = True  # what follows is a tunnel's bytes, not HTTP we parse
+            else:
+                # Fender never switches protocols (Upgrade is dropped like any hop-by-hop
+                # header), so what follows an Upgrade request is the next request
+                self._parser.set_upgraded(False)  # type: ignore[union-attr]
+                if tail:
+                    self.data_received(tail)
 
     def _enqueue(self, messages: Any) -> None:
         self._queue.extend(messages)

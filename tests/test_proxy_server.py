@@ -166,3 +166,16 @@ async def test_draining_answers_with_connection_close(proxy):
     head = await reader.readuntil(b"\r\n\r\n")
     assert b"Connection: close" in head
     writer.close()
+
+
+async def test_requests_pipelined_after_an_upgrade_request_are_still_answered(proxy):
+    # Fender does not switch protocols: the Upgrade header is dropped and the next request parsed
+    data = await exchange(proxy, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                                 b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    assert b"GET /ws 0" in data and b"GET /after 0" in data
+
+
+async def test_no_100_continue_for_an_http10_client(proxy):
+    data = await exchange(proxy, b"POST /p HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"100 Continue" not in data
