@@ -304,9 +304,14 @@ class ServerConnection(BaseProtocol):
             self._enqueue([(_Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message), EMPTY_PAYLOAD)])
             return
         if messages:
+            last = messages[-1][0]
             self._body = messages[-1][1]
-            self._last_method = messages[-1][0].method
+            self._last_method = last.method
             self._enqueue(messages)
+            if last.upgrade and not upgraded:
+                # aiohttp's parser drops what follows an Upgrade it does not know (h2c, ...):
+                # parse nothing more, and the answer closes the connection
+                self._stopped = True
         if upgraded:
             if self._last_method == "CONNECT":
                 self._stopped = True  # what follows is a tunnel's bytes, not HTTP we parse
@@ -344,6 +349,7 @@ class ServerConnection(BaseProtocol):
         try:
             while True:
                 if not queue:
+                    message = payload = exchange = None  # an idle connection keeps no request alive
                     self._waiter = self._loop.create_future()
                     await self._waiter  # the next request (cancelled when the client leaves)
                     continue

@@ -179,3 +179,12 @@ async def test_requests_pipelined_after_an_upgrade_request_are_still_answered(pr
 async def test_no_100_continue_for_an_http10_client(proxy):
     data = await exchange(proxy, b"POST /p HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
     assert data.startswith(b"HTTP/1.1 200 OK") and b"100 Continue" not in data
+
+
+async def test_an_unknown_upgrade_ends_the_connection_rather_than_hang_what_follows(proxy):
+    # aiohttp's parser drops the bytes after an Upgrade it does not know (h2c): the answer
+    # closes the connection, so a pipelining client retries on a new one instead of waiting
+    data = await exchange(proxy, b"GET /h2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                                 b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                                 b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert data.count(b"HTTP/1.1 200 OK") == 1 and b"Connection: close" in data

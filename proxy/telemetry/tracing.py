@@ -168,11 +168,15 @@ class Tracing:
         )
         headers["traceparent"] = format_traceparent(span)
         if span.is_recording():
-            url = URL(full_url, encoded=True)
             attributes = _method_attributes(method)
-            attributes["server.address"] = url.raw_host or ""
-            if url.port is not None:
-                attributes["server.port"] = url.port
+            try:
+                url = URL(full_url, encoded=True)
+            except ValueError:  # (a target such as `*`): the span still ends, without an address
+                url = None
+            if url is not None:
+                attributes["server.address"] = url.raw_host or ""
+                if url.port is not None:
+                    attributes["server.port"] = url.port
             attributes["url.full"] = full_url
             if ctx.attempts > 1:
                 attributes["http.request.resend_count"] = ctx.attempts - 1
