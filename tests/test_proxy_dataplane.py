@@ -280,6 +280,17 @@ async def test_health_and_readiness_on_metrics_listener(aiohttp_server, start_fe
         assert resp.status == 503
 
 
+async def in_front_of(handler, aiohttp_server, start_fender, upstream_settings: str = ""):
+    """Fender with one route to an upstream that answers GET / with `handler`."""
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = await aiohttp_server(app)
+    extra = f", {upstream_settings}" if upstream_settings else ""
+    return await start_fender(
+        f"routes: [{{name: small, upstream: {{url: 'http://127.0.0.1:{server.port}'{extra}}}}}]"
+    )
+
+
 async def test_sequential_calls_reuse_one_upstream_connection(aiohttp_server, start_fender, http):
     # aiohttp 3.14 nudges a protocol with data_received(b"") after each body read; taking that
     # for stray bytes once closed every upstream connection after a single request
@@ -289,14 +300,7 @@ async def test_sequential_calls_reuse_one_upstream_connection(aiohttp_server, st
         peers.append(request.transport.get_extra_info("peername"))
         return web.Response(text="x" * 100)
 
-    app = web.Application()
-    app.router.add_get("/", hello)
-    server = await aiohttp_server(app)
-    fender = await start_fender(f"""
-        routes:
-          - name: small
-            upstream: http://127.0.0.1:{server.port}
-    """)
+    fender = await in_front_of(hello, aiohttp_server, start_fender)
     for _ in range(5):
         async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
             assert await resp.text() == "x" * 100
@@ -319,14 +323,7 @@ async def test_max_connections_bounds_the_upstream_pool(aiohttp_server, start_fe
         active -= 1
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/", slow)
-    server = await aiohttp_server(app)
-    fender = await start_fender(f"""
-        routes:
-          - name: small
-            upstream: {{url: "http://127.0.0.1:{server.port}", max_connections: 2}}
-    """)
+    fender = await in_front_of(slow, aiohttp_server, start_fender, "max_connections: 2")
 
     async def call():
         async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
