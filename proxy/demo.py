@@ -84,4 +84,10 @@ async def _demo(port: int) -> int:
 
 
 def run_demo(port: int) -> int:
-    return asyncio.run(_demo(port))
+    try:
+        return asyncio.run(_demo(port))
+    except OSError as exc:  # most often: a port already in use (the demo upstream's or a listener's)
+        print(f"fender demo: cannot start: {exc.strerror or exc} (the demo route of the config "
+              f"expects its upstream on port {port}; --upstream-port moves the upstream only)",
+              file=sys.stderr)
+        return 1
