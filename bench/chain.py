@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000, help="calls per chain per round")
     parser.add_argument("--repeats", type=int, default=7, help="rounds")
     parser.add_argument("--task", action="store_true",
-                        help="requests carry their task, as the proxy can (aiohttp's request.task)")
+                        help="requests carry their task, as the proxy's do (Exchange.task)")
     args = parser.parse_args()
     try:
         import uvloop

@@ -93,7 +93,7 @@ class RequestContext:
         self.span: Any = None  # tracing slot, owned by telemetry
         self.bus = bus if bus is not None else NO_EVENTS
         self.extra: dict[str, Any] | None = None
-        # the asyncio task that runs the chain, when the caller knows it (aiohttp's `request.task`):
+        # the asyncio task that runs the chain, when the caller knows it (the proxy's `Exchange.task`):
         # timeouts need it, and asyncio.current_task() costs a getpid() syscall per call
         self.task = task
 
