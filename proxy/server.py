@@ -45,6 +45,7 @@ _MAX_QUEUED = 16  # pipelined requests held before reading from the client pause
 _SWEEP_EVERY = 5.0
 _LINGER_SECONDS = 10.0  # as aiohttp's server: how long an unread request body is read and dropped
 _LINGER_BYTES = 64 * 2**20
+_REFUSAL_LINGER_SECONDS = 2.0  # after a 400, how long what the client still sends is read and dropped
 
 
 class _Refusal:
@@ -426,6 +427,26 @@ class ServerConnection(BaseProtocol):
         exchange.should_close = True
         exchange.respond_with(error_response("internal_error", "Fender failed to handle the request", status=500))
 
+    def close_after_reading(self) -> None:
+        """Half-close, and drop what the client still sends for a while, then close.
+
+        Closing at once with the client's bytes unread makes the kernel send a reset, which
+        can destroy the answer before the client reads it. (Nothing more is parsed: the
+        connection is stopped, so `data_received` drops what arrives.)
+        """
+        self._stopped = True
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+        except (OSError, RuntimeError):
+            self._close()
+            return
+        self._loop.call_later(_REFUSAL_LINGER_SECONDS, self._close)
+
     def _close(self, *, abort: bool = False) -> None:
         self._stopped = True
         transport = self.transport
@@ -450,7 +471,7 @@ def _send_and_close(conn: ServerConnection, response: web.Response) -> None:
     head = encode_head(response.status, response.reason, headers,
                        f"Content-Length: {len(body)}\r\nConnection: close\r\n")
     transport.write(head + body)
-    conn._close()
+    conn.close_after_reading()
 
 
 class ProxyListener:

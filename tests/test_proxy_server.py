@@ -188,3 +188,25 @@ async def test_an_unknown_upgrade_ends_the_connection_rather_than_hang_what_foll
                                  b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
                                  b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.count(b"HTTP/1.1 200 OK") == 1 and b"Connection: close" in data
+
+
+async def test_a_refused_request_is_answered_even_while_the_client_keeps_sending(proxy):
+    # the 400 must reach a client still uploading: closing with its bytes unread would reset it
+    reader, writer = await asyncio.open_connection(*proxy.app.addresses["proxy"])
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-a-size\r\n")
+
+    async def keep_sending():
+        try:
+            for _ in range(64):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sender = asyncio.create_task(keep_sending())
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        await reader.read()  # and the connection ends after it
+    sender.cancel()
+    writer.close()
