@@ -20,6 +20,9 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
 from multidict import CIMultiDictProxy
 
+from proxy.flow import ProxyProtocol
+from proxy.headers import content_length
+
 __all__ = ["ConnectionPool", "UpstreamResponse", "ConnectFailed", "ResponseFailed"]
 
 _READ_LIMIT = 2**16
@@ -47,7 +50,7 @@ def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_b
     )
 
 
-class UpstreamConnection(BaseProtocol):
+class UpstreamConnection(ProxyProtocol):
     __slots__ = ("pool", "_waiter", "_payload", "_should_close", "_body_parser", "_head_parser",
                  "_received", "reused", "_sent_all")
 
@@ -118,12 +121,6 @@ class UpstreamConnection(BaseProtocol):
         else:
             self.pool.release(self)
 
-    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
-        # aiohttp's StreamReader calls this after every read of a body; only a paused protocol
-        # has anything to resume (aiohttp 3.14 would re-enter data_received each time)
-        if self._reading_paused:
-            super().resume_reading(*args, **kwargs)
-
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._should_close = True
@@ -172,10 +169,7 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        if value is None or not value.isdigit():
-            return None
-        return int(value)
+        return content_length(self.headers)
 
     async def read(self) -> bytes:
         content = self.content

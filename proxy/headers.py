@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-__all__ = ["HOP_BY_HOP", "forward_headers", "strip_hop_by_hop"]
+__all__ = ["HOP_BY_HOP", "content_length", "forward_headers", "strip_hop_by_hop"]
 
 HOP_BY_HOP = tuple(
     istr(h)
@@ -46,3 +48,9 @@ def forward_headers(
     if drop_host:
         out.popall("host", None)
     return out
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    """The `Content-Length` as a number; None when absent or not plain digits."""
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None

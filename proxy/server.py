@@ -24,7 +24,6 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.http_writer import HttpVersion10
@@ -32,6 +31,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import error_response
+from proxy.flow import ProxyProtocol
+from proxy.headers import content_length
 
 __all__ = ["Exchange", "ProxyListener", "Handler", "RefusedHook"]
 
@@ -91,8 +92,7 @@ class Exchange:
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        return int(value) if value is not None and value.isdigit() else None
+        return content_length(self.headers)
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -231,7 +231,7 @@ Handler = Callable[[Exchange], Awaitable[None]]
 RefusedHook = Callable[[str | None, int], None]
 
 
-class ServerConnection(BaseProtocol):
+class ServerConnection(ProxyProtocol):
     """One client connection: parse, queue, and serve its requests in order."""
 
     __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_waiter", "_stopped", "_body",
@@ -274,12 +274,6 @@ class ServerConnection(BaseProtocol):
             pass  # a body cut short: the request in progress is cancelled below
         if self._task is not None:
             self._task.cancel()  # the client left: abandon its request (and its upstream call)
-
-    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
-        # aiohttp's StreamReader calls this after every read of a request body; only a paused
-        # protocol has anything to resume (aiohttp 3.14 would re-enter data_received each time)
-        if self._reading_paused:
-            super().resume_reading(*args, **kwargs)
 
     def resume_writing(self) -> None:
         self.last_active = self._loop.time()  # a slow reader that reads is not a stuck one
