@@ -206,16 +206,7 @@ def format_table(summary: dict[str, dict[int, Summary]], order: list[str], concu
         if notes and target in notes and not by_conc:
             row[-1] = notes[target]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(head))]
-    lines = []
-    for index, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            cell.rjust(widths[i]) if i < len(head) - 1 else cell for i, cell in enumerate(row) if i
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    return _render(rows, ragged_last=True)  # (the last column may hold a long note)
 
 
 def format_cpu_table(summary: dict[str, dict[int, Summary]], order: list[str],
@@ -233,8 +224,21 @@ def format_cpu_table(summary: dict[str, dict[int, Summary]], order: list[str],
             else:
                 row.append(f"{s.cpu_us_per_req:.0f}us ({s.cpu_util or 0:.2f})")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))])
-             for r in rows]
+    return _render(rows)
+
+
+def _render(rows: list[list[str]], *, ragged_last: bool = False) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned (the last
+    one left as it is when `ragged_last`), a rule under the head row."""
+    columns = len(rows[0])
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(columns)]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            cell if ragged_last and i == columns - 1 else cell.rjust(widths[i])
+            for i, cell in enumerate(row) if i
+        ]
+        line = "  ".join(cells)
+        lines.append(line.rstrip() if ragged_last else line)
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
