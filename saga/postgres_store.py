@@ -36,7 +36,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -87,6 +87,24 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+async def _keep_trying(action: Callable[[], Awaitable[Any]], what: str, failing: bool) -> bool:
+    """One round of a loop that keeps trying `action`; returns whether it failed this time.
+
+    It logs one line when an outage starts and one when it ends, not one per round.
+    """
+    try:
+        await action()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if not failing:
+            log.warning("%s failed (will keep trying): %r", what, exc)
+        return True
+    if failing:
+        log.warning("%s works again", what)
+    return False
 
 
 @dataclass(slots=True)
@@ -211,18 +229,8 @@ class PostgresSagaStore:
         interval = self.lease / 5
         failing = False
         while True:
-            try:
-                await self.renew()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database is unreachable: the local deadlines decide
-                if not failing:  # one line per outage, not one per beat
-                    log.warning("saga lease heartbeat failed (will keep trying): %r", exc)
-                failing = True
-            else:
-                if failing:
-                    log.warning("saga lease heartbeat works again")
-                failing = False
+            # the database may be unreachable: then the local deadlines decide
+            failing = await _keep_trying(self.renew, "saga lease heartbeat", failing)
             self._expire_local()
             now = self.clock.now()
             soonest = min((lease.valid_until for lease in self._held.values()), default=now + interval)
@@ -437,15 +445,4 @@ class PostgresSagaStore:
         failing = False
         while True:
             await self.clock.sleep(self.recovery_interval)
-            try:
-                await coordinator.recover()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not failing:  # one line per outage, not one per scan
-                    log.warning("saga takeover scan failed (will keep trying): %r", exc)
-                failing = True
-            else:
-                if failing:
-                    log.warning("saga takeover scan works again")
-                failing = False
+            failing = await _keep_trying(coordinator.recover, "saga takeover scan", failing)
