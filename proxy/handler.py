@@ -123,11 +123,8 @@ class ProxyHandler:
             body = await self._request_body(request, route, ctx)
         except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
             # the body broke off or was malformed while being buffered for replay: nothing was sent
-            message = f"the request body could not be read: {getattr(exc, 'message', None) or exc}"
-            return self._unrouted(
-                request, error_response("bad_request", message, route.name), "bad_request", path, timer,
-                route=route.name,
-            )
+            return self._unrouted(request, _unreadable_body(exc, route.name, 0), "bad_request", path, timer,
+                                  route=route.name)
         except asyncio.CancelledError:  # the client left while its body was being read
             self._record(method, headers, request.remote, route.name, path, 499, "client_abort",
                          perf_counter() - timer)
@@ -151,10 +148,7 @@ class ProxyHandler:
                 # a streamed request body broke off or was malformed (say a bad chunk) mid-call
                 outcome_kind = "bad_request"
                 status = 400
-                request.respond_with(error_response(
-                    "bad_request", f"the request body could not be read: {getattr(exc, 'message', None) or exc}",
-                    route.name, attempts=ctx.attempts,
-                ))
+                request.respond_with(_unreadable_body(exc, route.name, ctx.attempts))
                 return
             status = outcome.status
             if outcome.body is not None:
@@ -296,6 +290,12 @@ class ProxyHandler:
             raise
         upstream.release()
         return upstream.status, outcome_kind
+
+
+def _unreadable_body(exc: Exception, route: str, attempts: int) -> web.Response:
+    """400: the client's body broke off or was malformed (say a bad chunk)."""
+    detail = getattr(exc, "message", None) or exc
+    return error_response("bad_request", f"the request body could not be read: {detail}", route, attempts=attempts)
 
 
 async def _copy(content: aiohttp.StreamReader, request: Exchange) -> None:
