@@ -102,13 +102,13 @@ def _run(config: str | None, workers: int | None) -> int:
         return 1
 
 
-_stop_requested = False
+_early_signals: set[int] = set()
 
 
-def request_stop(_signum: int, _frame: object) -> None:
-    """A signal handler for before the event loop runs: `serve` stops as soon as it started."""
-    global _stop_requested
-    _stop_requested = True
+def remember_signal(signum: int, _frame: object) -> None:
+    """A signal handler for before the event loop runs: `serve` acts on it once it started
+    (SIGTERM/SIGINT stop, SIGHUP reloads)."""
+    _early_signals.add(signum)
 
 
 def _run_loop(settings: object) -> int:
@@ -134,8 +134,10 @@ async def serve(settings: object) -> int:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload("sighup")))
-    if _stop_requested:
+    if _early_signals & {signal.SIGTERM, signal.SIGINT}:
         stopping.set()
+    elif signal.SIGHUP in _early_signals:
+        await app.reload("sighup")  # the file may have changed after this worker loaded it
     await stopping.wait()
     await app.drain_and_stop()
     return 0

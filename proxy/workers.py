@@ -39,13 +39,13 @@ def run_workers(settings: Settings) -> int:
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
-            from proxy.cli import request_stop
+            from proxy.cli import remember_signal
 
-            # until the worker's loop takes them over: a stop asked for while the worker starts
-            # is remembered (SIG_DFL would kill it, and the parent would report a failure)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGINT, request_stop)
+            # until the worker's loop takes them over, signals are remembered: SIG_DFL would
+            # kill a worker stopped while it starts (and the parent would report a failure),
+            # SIG_IGN would lose a reload that reached it before its loop ran
+            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, remember_signal)
             os.environ["FENDER_WORKER_INDEX"] = str(index)
             os._exit(_child(settings, index))
         children[pid] = index
