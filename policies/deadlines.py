@@ -4,8 +4,9 @@
 costs several microseconds. A `TimeoutPolicy` always uses the same duration, so
 its deadlines arrive in the order the calls entered: a FIFO of entries is
 already sorted, and a single timer armed for the oldest live deadline serves
-them all. Entering and leaving is a deque append and a flag; finished entries
-are dropped from the front as calls complete.
+them all. Leaving is setting a flag; the entries of calls that left are
+dropped from the front when the next call enters or the timer fires (which
+it does within `duration`, so they do not linger).
 
 Expiry works like `asyncio.timeout`: the task is cancelled, and leaving the
 scope turns that cancellation into `TimeoutError` (other cancellations pass).
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 from policies.clock import Clock
 
-__all__ = ["DeadlineQueue", "DeadlineEntry", "Scheduler"]
+__all__ = ["DeadlineQueue", "DeadlineEntry", "Scheduler", "OUTER", "STATE", "TASK", "CANCELLING", "DONE", "EXPIRED"]
 
 
 class Scheduler(Protocol):
@@ -32,18 +33,12 @@ class Scheduler(Protocol):
         """Run `callback` once the clock reaches `when`; the result has `cancel()`."""
 
 
-class DeadlineEntry:
-    """One call under a deadline; `outer` is the caller's to keep (the timeout's enclosing deadline)."""
-
-    __slots__ = ("deadline", "task", "cancelling", "outer", "done", "expired")
-
-    def __init__(self, deadline: float, task: asyncio.Task[Any], cancelling: int, outer: float | None) -> None:
-        self.deadline = deadline
-        self.task = task
-        self.cancelling = cancelling
-        self.outer = outer
-        self.done = False
-        self.expired = False
+# One call under a deadline: a list, not an object, because one is built per call (a
+# class instance costs three times as much). `OUTER` is the caller's to keep (the
+# timeout's enclosing deadline); `STATE` says whether the call left or ran out of time.
+DeadlineEntry = list[Any]  # [deadline, task, task.cancelling() at entry, outer, state]
+DEADLINE, TASK, CANCELLING, OUTER, STATE = range(5)
+LIVE, DONE, EXPIRED = 0, 1, 2
 
 
 class DeadlineQueue:
@@ -60,22 +55,19 @@ class DeadlineQueue:
         self._scheduler: Callable[[float, Callable[[], None]], Any] | None = call_at
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Calls still under a deadline."""
+        return sum(1 for entry in self._entries if entry[STATE] == LIVE)
 
     def enter(self, task: asyncio.Task[Any], deadline: float, outer: float | None = None) -> DeadlineEntry:
-        """`deadline` is the clock's now plus `duration`."""
-        entry = DeadlineEntry(deadline, task, task.cancelling(), outer)
-        self._entries.append(entry)
+        """`deadline` is the clock's now plus `duration`. Leaving is `entry[STATE] = DONE`."""
+        entries = self._entries
+        while entries and entries[0][STATE]:  # calls that left (expired ones were taken off when they fired)
+            entries.popleft()
+        entry = [deadline, task, task.cancelling(), outer, LIVE]
+        entries.append(entry)
         if self._timer is None or (self._scheduler is None and task.get_loop() is not self._loop):
             self._arm(deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
         return entry
-
-    def leave(self, entry: DeadlineEntry) -> None:
-        entry.done = True
-        entries = self._entries
-        while entries and entries[0].done:
-            entries.popleft()
-        # the timer stays armed even when nothing is left: re-arming per call is what costs
 
     def _arm(self, when: float) -> None:
         self._timer_at = when
@@ -91,12 +83,12 @@ class DeadlineQueue:
         entries = self._entries
         while entries:
             entry = entries[0]
-            if entry.done:
+            if entry[STATE] == DONE:
                 entries.popleft()
                 continue
-            if entry.deadline > now:
-                self._arm(entry.deadline)
+            if entry[DEADLINE] > now:
+                self._arm(entry[DEADLINE])
                 return
             entries.popleft()
-            entry.expired = True
-            entry.task.cancel()
+            entry[STATE] = EXPIRED
+            entry[TASK].cancel()

@@ -13,7 +13,16 @@ from typing import Any, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
-from policies.deadlines import DeadlineEntry, DeadlineQueue
+from policies.deadlines import (
+    CANCELLING,
+    DONE,
+    EXPIRED,
+    OUTER,
+    STATE,
+    TASK,
+    DeadlineEntry,
+    DeadlineQueue,
+)
 from policies.errors import TimedOut
 from policies.events import TimeoutFired
 
@@ -25,6 +34,7 @@ class TimeoutPolicy:
 
     kind = "timeout"
     needs_task = True  # to cancel it at the deadline
+    settles = True
 
     def __init__(self, duration: float, *, name: str = "timeout", clock: Clock = SYSTEM_CLOCK) -> None:
         if duration <= 0:
@@ -48,8 +58,8 @@ class TimeoutPolicy:
         return self._deadlines.enter(task, deadline, outer)
 
     def exit(self, ctx: RequestContext, entry: DeadlineEntry, started: float, outcome: Outcome) -> Outcome:
-        self._deadlines.leave(entry)
-        ctx.deadline = entry.outer
+        entry[STATE] = DONE
+        ctx.deadline = entry[OUTER]
         return outcome
 
     def exit_error(
@@ -57,13 +67,14 @@ class TimeoutPolicy:
     ) -> NoReturn:
         try:
             # our expiry, not another cancellation (the client left, an outer timeout)
-            if isinstance(error, CancelledError) and entry.expired and entry.task.uncancel() <= entry.cancelling:
+            if (isinstance(error, CancelledError) and entry[STATE] == EXPIRED
+                    and entry[TASK].uncancel() <= entry[CANCELLING]):
                 ctx.emit(self._event)
                 raise TimedOut(self._message) from None
             raise error
         finally:
-            self._deadlines.leave(entry)
-            ctx.deadline = entry.outer
+            entry[STATE] = DONE
+            ctx.deadline = entry[OUTER]
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         entry = self.enter(ctx, self.clock.now(), ctx.task or current_task())
