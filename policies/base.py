@@ -116,7 +116,8 @@ def compose(policies: Sequence[Policy], terminal: Call) -> Call:
     """Bind a chain once: `policies[0]` is outermost, `terminal` innermost.
 
     Neighbours that are guards (policies.guard) on one clock become one
-    `FusedLayer`: one coroutine per request for the whole stretch. Any other
+    `FusedLayer`, chained by its `run` (`fused_layer(call)` finds the layer): one
+    coroutine per request for the whole stretch. Any other
     policy is a `partial(policy, inner)`: calling it returns the policy's own
     coroutine, so a layer costs one coroutine per request, not two.
     """
@@ -139,5 +140,5 @@ def compose(policies: Sequence[Policy], terminal: Call) -> Call:
         if len(guards) == 1:  # a lone guard is cheaper as its own layer than as a fused one
             layers[i] = partial(policy, layers[i + 1])
         else:
-            layers[i] = FusedLayer(guards, layers[i + 1:i + 1 + len(guards)])
+            layers[i] = FusedLayer(guards, layers[i + 1:i + 1 + len(guards)]).run
     return layers[0]

@@ -29,6 +29,7 @@ class BulkheadPolicy:
 
     kind = "bulkhead"
     needs_task = False
+    settles = True
 
     def __init__(
         self,

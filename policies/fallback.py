@@ -30,6 +30,7 @@ class FallbackPolicy:
 
     kind = "fallback"
     needs_task = False
+    settles = True
     clock = None  # it never asks the time, so it fuses with guards on any clock
 
     def __init__(

@@ -59,6 +59,9 @@ class Guard(Policy, Protocol):
 
     clock: Clock | None  # None: `enter` and the exits ignore `now` and `started`
     needs_task: bool  # whether `enter` uses its `task` argument (it is None otherwise)
+    # False when `exit` returns the outcome and `exit_error` raises the error, whatever they are:
+    # a fused layer then calls neither (a rate limit's work is all in `enter`)
+    settles: bool
 
     def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> Any:
         """Before the call, at `now`: a token for the exit, or `DEFER`; raises a rejection."""

@@ -34,6 +34,7 @@ class RateLimitPolicy:
 
     kind = "rate_limit"
     needs_task = False
+    settles = False
 
     def __init__(
         self,

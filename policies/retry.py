@@ -61,6 +61,7 @@ class RetryPolicy:
 
     kind = "retry"
     needs_task = False
+    settles = True
 
     def __init__(
         self,

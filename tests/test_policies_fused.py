@@ -17,13 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import policies.fused
 from policies.base import Call, Policy, RequestContext, compose
 from policies.breaker_state import BreakerStateMachine
 from policies.bulkhead import BulkheadPolicy
 from policies.circuit_breaker import CircuitBreakerPolicy
 from policies.errors import FenderError, TimedOut, UpstreamReset, UpstreamUnavailable
 from policies.fallback import FallbackPolicy
-from policies.fused import FusedLayer
+from policies.fused import FusedLayer, fused_layer
 from policies.guard import DEFER
 from policies.rate_limit import RateLimitPolicy
 from policies.retry import RetryPolicy
@@ -63,6 +64,7 @@ def nested(policies: list[Policy], terminal: Call) -> Call:
 
 
 async def play(names: list[str], script: list[object], requests: list[tuple[str, float]], fuse: bool) -> list[Any]:
+    """What a client and the upstream see of the chain: outcomes, errors, events, attempts, time."""
     clock = FakeClock()
     log = EventLog()
     upstream = ScriptedUpstream(clock, *script)
@@ -84,9 +86,15 @@ async def play(names: list[str], script: list[object], requests: list[tuple[str,
 
 
 def run_both(names: list[str], script: list[object], requests: list[tuple[str, float]]) -> None:
-    fused = asyncio.run(play(names, script, requests, fuse=True))
+    """Fused layers, generated and looping, against nested ones."""
     unfused = asyncio.run(play(names, script, requests, fuse=False))
-    assert fused == unfused
+    assert asyncio.run(play(names, script, requests, fuse=True)) == unfused
+    generated = policies.fused.MAX_GENERATED
+    policies.fused.MAX_GENERATED = 0  # every stretch takes the loop instead
+    try:
+        assert asyncio.run(play(names, script, requests, fuse=True)) == unfused
+    finally:
+        policies.fused.MAX_GENERATED = generated
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,17 +126,20 @@ def test_the_full_chain_matches_nested_layers(script: list[object]) -> None:
 def test_the_full_chain_is_one_layer() -> None:
     clock = FakeClock()
     chain = compose([MAKERS[name](clock) for name in FULL], ScriptedUpstream(clock))
-    assert isinstance(chain, FusedLayer)
-    assert len(chain.guards) == 5
+    layer = fused_layer(chain)
+    assert layer is not None and len(layer.guards) == 5
+    # unrolled: one block per guard whose exits do something (all but the rate limit's)
+    assert "for " not in layer.source and layer.source.count("try:") == 4
 
 
 def test_guards_on_different_clocks_are_not_fused() -> None:
     a, b = FakeClock(), FakeClock()
     chain = compose([TimeoutPolicy(1.0, clock=a), TimeoutPolicy(1.0, clock=b)], ScriptedUpstream(a))
-    assert not isinstance(chain, FusedLayer)
+    assert fused_layer(chain) is None
     fallback = FallbackPolicy()  # asks no clock: fuses with either
     chain = compose([fallback, TimeoutPolicy(1.0, clock=a), TimeoutPolicy(1.0, clock=b)], ScriptedUpstream(a))
-    assert isinstance(chain, FusedLayer) and len(chain.guards) == 2
+    layer = fused_layer(chain)
+    assert layer is not None and len(layer.guards) == 2
 
 
 async def test_a_deferring_guard_runs_its_own_layer_around_the_rest() -> None:
@@ -169,6 +180,19 @@ async def test_fused_layer_needs_an_inner_call_per_guard() -> None:
     clock = FakeClock()
     with pytest.raises(ValueError):
         FusedLayer([TimeoutPolicy(1.0, clock=clock)], [])
+
+
+async def test_a_stretch_as_long_as_may_be_generated_runs() -> None:
+    clock = FakeClock()
+    bulkheads = [BulkheadPolicy(1, clock=clock) for _ in range(policies.fused.MAX_GENERATED + 1)]
+    for count in (policies.fused.MAX_GENERATED, policies.fused.MAX_GENERATED + 1):
+        upstream = ScriptedUpstream(clock, 200)
+        chain = compose(bulkheads[:count], upstream)
+        layer = fused_layer(chain)
+        assert layer is not None and len(layer.guards) == count
+        assert bool(layer.source) == (count <= policies.fused.MAX_GENERATED)
+        assert (await chain(make_ctx())).status == 200
+        assert all(bulkhead.in_flight == 0 for bulkhead in bulkheads)
 
 
 
