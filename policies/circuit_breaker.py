@@ -38,11 +38,15 @@ def expand_statuses(items: Iterable[str | int]) -> frozenset[int]:
     return frozenset(statuses)
 
 
+_CLOSED = BreakerState.CLOSED  # (a module global is cheaper to reach than an Enum member)
+
+
 class CircuitBreakerPolicy:
     __slots__ = ("name", "machine", "failure_statuses", "clock", "_rejected", "_timed")
 
     kind = "circuit_breaker"
     needs_task = False
+    settles = True
 
     def __init__(
         self,
@@ -65,6 +69,8 @@ class CircuitBreakerPolicy:
     def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> int:
         machine = self.machine
         generation = machine.generation
+        if machine.state is _CLOSED:  # what try_acquire answers when closed, without the call
+            return generation
         if not machine.try_acquire(now):
             ctx.emit(self._rejected)
             retry_after = machine.remaining_open(now)
