@@ -234,18 +234,14 @@ class ProxyHandler:
         content = upstream.content
         # the route's total timeout also bounds the body (as Envoy's route timeout does)
         budget = route.body_budget
-        deadline = None
-        if budget is not None:
-            # (not asyncio.get_running_loop(): that costs a getpid() syscall)
-            deadline = request.loop.time() + budget - (perf_counter() - timer)
         length = upstream.content_length
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
             try:
-                if deadline is None or content.is_eof():
+                if budget is None or content.is_eof():
                     body = await upstream.read()
                 else:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(_body_deadline(request, budget, timer)):
                         body = await upstream.read()
             except _BODY_ERRORS:
                 upstream.close()
@@ -269,10 +265,10 @@ class ProxyHandler:
             return upstream.status, outcome_kind
         try:
             if request.start(upstream.status, headers, upstream.reason, length):
-                if deadline is None:
+                if budget is None:
                     await _copy(content, request)
                 else:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(_body_deadline(request, budget, timer)):
                         await _copy(content, request)
                 request.finish()
         except _BODY_ERRORS as exc:
@@ -290,6 +286,12 @@ class ProxyHandler:
             raise
         upstream.release()
         return upstream.status, outcome_kind
+
+
+def _body_deadline(request: Exchange, budget: float, timer: float) -> float:
+    """When the route's total timeout runs out, in loop time (`timer` is the request's start)."""
+    # (not asyncio.get_running_loop(): that costs a getpid() syscall)
+    return request.loop.time() + budget - (perf_counter() - timer)
 
 
 def _unreadable_body(exc: Exception, route: str, attempts: int) -> web.Response:
