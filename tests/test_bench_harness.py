@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.instructions import dump_total
 from bench.procs import cpu_seconds, rss_kib, tree_pids
 from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.run import parse_args, select
@@ -225,3 +226,12 @@ def test_markdown_of_a_result_lists_targets_goals_and_saga_reason() -> None:
     assert "| traefik | n/a |" in text and "(missing traefik)" in text
     assert "| full chain >= 0.95 x empty chain req/s (c=32) | 0.975 | met |" in text
     assert "- sagas: n/a (no saga API)" in text
+
+
+def test_callgrind_dump_totals_are_read_from_either_header() -> None:
+    # callgrind writes "summary:" in dumps taken with callgrind_control, "totals:" at exit
+    dump = "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 240212345\n\nfn=(1) main\n0 12\n"
+    assert dump_total(dump) == 240212345
+    assert dump_total(dump.replace("summary:", "totals:")) == 240212345
+    with pytest.raises(ValueError):
+        dump_total("events: Ir\nfn=(1) main\n0 12\n")
