@@ -113,22 +113,19 @@ class FusedLayer:
 
 def _nested(guards: Sequence[Guard], i: int, pad: str) -> list[str]:
     """Guard `i` around the rest: what `guard{i}.__call__(inner{i}, ctx)` does, with its methods."""
-    more = i + 1 < len(guards)
-    if not guards[i].settles:  # its exits hand on what they get: the rest runs in this block
-        inside = _nested(guards, i + 1, pad + "    ") if more else [f"{pad}    outcome = await innermost(ctx)"]
-        return [
-            f"{pad}token{i} = enter{i}(ctx, now, task)",
-            f"{pad}if token{i} is DEFER:",
-            f"{pad}    outcome = await guard{i}(inner{i}, ctx)",
-            f"{pad}else:",
-            *inside,
-        ]
-    inside = _nested(guards, i + 1, pad + "        ") if more else [f"{pad}        outcome = await innermost(ctx)"]
-    return [
+    settles = guards[i].settles  # if not, its exits hand on what they get: no block for them
+    inner_pad = pad + ("        " if settles else "    ")
+    inside = (_nested(guards, i + 1, inner_pad) if i + 1 < len(guards)
+              else [f"{inner_pad}outcome = await innermost(ctx)"])
+    lines = [
         f"{pad}token{i} = enter{i}(ctx, now, task)",
         f"{pad}if token{i} is DEFER:",
         f"{pad}    outcome = await guard{i}(inner{i}, ctx)",
         f"{pad}else:",
+    ]
+    if not settles:
+        return lines + inside
+    return lines + [
         f"{pad}    try:",
         *inside,
         f"{pad}    except BaseException as error:",
