@@ -9,9 +9,9 @@ gets the rest of the chain inside it to await.
 The coroutine is generated for the stretch when it is built: the nested
 `try` blocks that nested layers would have, unrolled into one function whose
 guard methods are bound names. A loop over the guards does the same with a
-list of tokens, an index and a test per step, which costs the full chain
-about a fifth of what its policies cost (measured with callgrind, see
-bench.chain); the loop is kept for stretches too long to nest.
+list of tokens, an index and a test per step, which cost the full chain
+about a fifth of what its policies cost (instructions counted with callgrind,
+README: Benchmarks); the loop is kept for stretches too long to nest.
 """
 
 from __future__ import annotations
