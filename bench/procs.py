@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,8 +17,38 @@ __all__ = ["Managed", "cpu_seconds", "free_port", "rss_kib", "tree_pids", "wait_
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port for a server that this process will start shortly.
+
+    Picked below the kernel's ephemeral range on purpose: a port from bind(0)
+    comes from that range, which is also where every outgoing connection's local
+    port comes from, so between our release and the server's bind a client
+    socket can take it (seen in CI: "address already in use" on a metrics
+    listener). Below the range only explicit binds compete, and those are ours.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(20000, max(low, 20001))
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # a machine with no room below its ephemeral range
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

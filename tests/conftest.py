@@ -37,12 +37,6 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EmptyChainFactory:
     """A factory that gives every route an empty chain (tests of the bare data plane)."""
 

@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 
-from tests.conftest import free_port
+from bench.procs import free_port
 from tests.support.processes import FENDER, ROOT
 
 

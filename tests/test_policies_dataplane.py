@@ -7,7 +7,7 @@ import json
 
 from aiohttp import web
 
-from tests.conftest import free_port
+from bench.procs import free_port
 from tests.support.raw_server import raw_server
 
 

@@ -9,8 +9,8 @@ import time
 import aiohttp
 import pytest
 
+from bench.procs import free_port
 from proxy.h1client import ConnectionPool
-from tests.conftest import free_port
 from tests.support.processes import FENDER
 from tests.support.raw_server import raw_server
 

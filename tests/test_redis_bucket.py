@@ -20,10 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bench.procs import free_port
 from policies.redis_bucket import RedisBucketStore
 from policies.testing import FakeClock
 from policies.token_bucket import BucketStoreError
-from tests.conftest import REQUIRE_SERVICES, free_port, require_service
+from tests.conftest import REQUIRE_SERVICES, require_service
 from tests.support.processes import FenderProcess, Upstream
 
 SHARED = "redis://127.0.0.1:6379/0"

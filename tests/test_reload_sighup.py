@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
+from bench.procs import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -25,6 +24,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bench.procs import free_port
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,6 @@ FENDER = str(Path(sys.executable).parent / "fender")
 STEPS = ("reserve", "charge", "ship")
 SAGAS = 50
 ROUNDS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Participant:

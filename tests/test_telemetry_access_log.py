@@ -9,9 +9,9 @@ import os
 import pytest
 from aiohttp import web
 
+from bench.procs import free_port
 from proxy.telemetry.access_log import AccessLog, stdout_writer
 from proxy.telemetry.observer import inbound_trace_id
-from tests.conftest import free_port
 from tests.test_telemetry_tracing import otlp  # noqa: F401 (fixture: an OTLP receiver)
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -14,9 +14,9 @@ from aiohttp import web
 from oteltest.sink import HttpSink
 from oteltest.sink.handler import RequestHandler
 
+from bench.procs import free_port
 from proxy.invoker import ChainInvoker
 from proxy.telemetry.tracing import tracing_configured
-from tests.conftest import free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 
-from tests.conftest import free_port
+from bench.procs import free_port
 from tests.support.processes import ROOT, wait_http
 
 

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import free_port
+from bench.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FENDER = str(Path(sys.executable).parent / "fender")

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procs import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -57,12 +59,6 @@ def _sink(port: int) -> None:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/traces", traces)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 15) -> None:
