@@ -146,7 +146,7 @@ class BreakerStateMachine:
     __slots__ = (
         "state", "generation", "previous", "consecutive_failures", "failure_rate", "window",
         "min_calls", "slow_call_duration", "slow_call_rate", "open_for", "max_open_for",
-        "half_open_calls", "current_open_for", "open_until", "_streak", "_probes", "_probe_successes",
+        "half_open_calls", "current_open_for", "open_until", "streak", "_probes", "_probe_successes",
     )
 
     def __init__(
@@ -182,7 +182,7 @@ class BreakerStateMachine:
         self.generation = 0
         self.current_open_for = open_for
         self.open_until = 0.0
-        self._streak = 0
+        self.streak = 0  # failures in a row while closed (a closed breaker's fused layer resets it)
         self._probes = 0
         self._probe_successes = 0
 
@@ -198,7 +198,7 @@ class BreakerStateMachine:
             self._probe_successes = 0
         else:
             self.current_open_for = self.open_for
-            self._streak = 0
+            self.streak = 0
             if self.window is not None:
                 self.window.reset()
 
@@ -213,7 +213,7 @@ class BreakerStateMachine:
             self._to(BreakerState.CLOSED, now)
         else:
             self.current_open_for = self.open_for
-            self._streak = 0
+            self.streak = 0
             if self.window is not None:
                 self.window.reset()
 
@@ -248,7 +248,8 @@ class BreakerStateMachine:
             return
         slow = self.slow_call_duration is not None and duration >= self.slow_call_duration
         if not slow and self.window is None and self.state is _CLOSED:
-            self._streak = 0  # what _record does here, on every request: spare it the call
+            self.streak = 0  # what _record does here, on every request: spare it the call
+            # (CircuitBreakerPolicy.inline has this case too: keep the two alike)
             return
         self._record(now, False, slow)
 
@@ -273,11 +274,11 @@ class BreakerStateMachine:
         window = self.window
         if window is None:
             if failed:
-                self._streak += 1
-                if self.consecutive_failures is not None and self._streak >= self.consecutive_failures:
+                self.streak += 1
+                if self.consecutive_failures is not None and self.streak >= self.consecutive_failures:
                     self._trip(now)
             else:
-                self._streak = 0
+                self.streak = 0
             return
         window.record(now, failed, slow)
         calls = window.calls
@@ -294,7 +295,7 @@ class BreakerStateMachine:
             info["retry_after"] = round(self.remaining_open(now), 3)
         info["open_for"] = self.current_open_for
         if self.window is None:
-            info["consecutive_failures"] = self._streak
+            info["consecutive_failures"] = self.streak
         else:
             self.window.roll(now)
             info["window"] = {"calls": self.window.calls, "failures": self.window.failures,

@@ -30,6 +30,8 @@ class BulkheadPolicy:
     kind = "bulkhead"
     needs_task = False
     settles = True
+    defers = True  # when full: it queues the call in its own layer
+    resumes = False
 
     def __init__(
         self,

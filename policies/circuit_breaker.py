@@ -18,6 +18,7 @@ from policies.breaker_state import BreakerState, BreakerStateMachine, TimeWindow
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import CircuitOpen, TimedOut, UpstreamReset, UpstreamUnavailable
 from policies.events import BreakerRejected, BreakerTransitioned
+from policies.guard import Inline
 
 __all__ = ["CircuitBreakerPolicy", "expand_statuses"]
 
@@ -47,6 +48,8 @@ class CircuitBreakerPolicy:
     kind = "circuit_breaker"
     needs_task = False
     settles = True
+    defers = False
+    resumes = False
 
     def __init__(
         self,
@@ -82,6 +85,20 @@ class CircuitBreakerPolicy:
             self._emit_transition(ctx)
             generation = machine.generation
         return generation
+
+    def inline(self) -> Inline:
+        """A closed breaker's `enter`; and the `exit` of a success there, if only failures in a row count."""
+        machine = self.machine
+        names = {"machine": machine, "failures": self.failure_statuses, "CLOSED": _CLOSED}
+        enter = "token = machine.generation if machine.state is CLOSED else enter(ctx, now, task)"
+        if machine.window is not None or machine.slow_call_duration is not None:
+            return Inline(enter=enter, names=names)
+        return Inline(enter=enter, names=names, exit="""
+            if outcome.status in failures or token != machine.generation or machine.state is not CLOSED:
+                outcome = exit(ctx, token, now, outcome)
+            else:
+                machine.streak = 0  # BreakerStateMachine.on_success, closed
+            """)
 
     def exit(self, ctx: RequestContext, generation: int, started: float, outcome: Outcome) -> Outcome:
         machine = self.machine

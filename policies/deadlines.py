@@ -69,13 +69,28 @@ class DeadlineQueue:
             self._arm(deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
         return entry
 
+    def enter_alone(self, task: asyncio.Task[Any], deadline: float, outer: float | None) -> tuple[DeadlineEntry, Any]:
+        """An entry out of turn (its deadline is earlier than the newest): it gets a timer of its own.
+
+        Returns the entry and the timer, which the caller cancels when it leaves.
+        """
+        entry = [deadline, task, task.cancelling(), outer, LIVE]
+
+        def fire() -> None:
+            if entry[STATE] == LIVE:
+                _expire(entry)
+
+        return entry, self._call_at(deadline, fire)
+
     def _arm(self, when: float) -> None:
         self._timer_at = when
+        self._timer = self._call_at(when, self._fire)
+
+    def _call_at(self, when: float, callback: Callable[[], None]) -> Any:
         if self._scheduler is not None:
-            self._timer = self._scheduler(when, self._fire)
-        else:
-            loop = self._loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + (when - self.clock.now()), self._fire)
+            return self._scheduler(when, callback)
+        loop = self._loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + (when - self.clock.now()), callback)
 
     def _fire(self) -> None:
         self._timer = None
@@ -90,5 +105,9 @@ class DeadlineQueue:
                 self._arm(entry[DEADLINE])
                 return
             entries.popleft()
-            entry[STATE] = EXPIRED
-            entry[TASK].cancel()
+            _expire(entry)
+
+
+def _expire(entry: DeadlineEntry) -> None:
+    entry[STATE] = EXPIRED
+    entry[TASK].cancel()

@@ -31,6 +31,8 @@ class FallbackPolicy:
     kind = "fallback"
     needs_task = False
     settles = True
+    defers = False
+    resumes = False
     clock = None  # it never asks the time, so it fuses with guards on any clock
 
     def __init__(

@@ -12,17 +12,27 @@ guard methods are bound names. A loop over the guards does the same with a
 list of tokens, an index and a test per step, which cost the full chain
 about a fifth of what its policies cost (instructions counted with callgrind,
 README: Benchmarks); the loop is kept for stretches too long to nest.
+
+The generated form also leaves out what a guard says it never needs: the
+DEFER test of a guard that never defers, the Resume test of one that never
+resumes, the block of one whose exits do nothing; and where a guard offers
+its common case as source (policies.guard: Inline), those lines stand in for
+its method calls.
 """
 
 from __future__ import annotations
 
+import builtins
+import keyword
+import re
+import textwrap
 from asyncio import current_task
 from collections.abc import Callable, Coroutine, Sequence
 from types import MethodType
 from typing import Any
 
 from policies.base import Call, Outcome, RequestContext
-from policies.guard import DEFER, Guard, Resume, clock_of, fusable
+from policies.guard import DEFER, Coverable, Guard, Inlinable, Inline, Resume, clock_of, fusable
 
 __all__ = ["FusedLayer", "fused_layer"]
 
@@ -59,12 +69,22 @@ class FusedLayer:
             "DEFER": DEFER, "Resume": Resume, "now_": self.now, "current_task": current_task,
             "innermost": self.innermost,
         }
+        covered = _covered(self.guards)
+        inlines = []
         for i, guard in enumerate(self.guards):
+            if i in covered:
+                assert isinstance(guard, Coverable)
+                inline = guard.inline_covered()
+                names[f"within{i}"] = guard.within
+            else:
+                inline = guard.inline() if isinstance(guard, Inlinable) else Inline()
+            inlines.append(inline)
             names.update({f"guard{i}": guard, f"inner{i}": self.inners[i], f"enter{i}": guard.enter,
                           f"exit{i}": guard.exit, f"exit_error{i}": guard.exit_error})
+            names.update({f"{name}{i}": value for name, value in inline.names.items()})
         task = "ctx.task or current_task()" if self.needs_task else "None"
         lines = ["async def run(self, ctx):", "    now = now_()", f"    task = {task}"]
-        lines += _nested(self.guards, 0, "    ")
+        lines += _nested(self.guards, inlines, covered, 0, "    ")
         lines.append("    return outcome")
         self.source = "\n".join(lines)
         exec(compile(self.source, f"<fused layer of {len(self.guards)} guards>", "exec"), names)
@@ -111,30 +131,73 @@ class FusedLayer:
         return outcome  # type: ignore[no-any-return]
 
 
-def _nested(guards: Sequence[Guard], i: int, pad: str) -> list[str]:
+def _nested(guards: Sequence[Guard], inlines: Sequence[Inline], covered: set[int], i: int, pad: str) -> list[str]:
     """Guard `i` around the rest: what `guard{i}.__call__(inner{i}, ctx)` does, with its methods."""
-    settles = guards[i].settles  # if not, its exits hand on what they get: no block for them
-    inner_pad = pad + ("        " if settles else "    ")
-    inside = (_nested(guards, i + 1, inner_pad) if i + 1 < len(guards)
+    guard, inline = guards[i], inlines[i]
+    settles = guard.settles  # if not, its exits hand on what they get: no block for them
+    body_pad = pad + ("    " if guard.defers else "")
+    inner_pad = body_pad + ("    " if settles else "")
+    inside = (_nested(guards, inlines, covered, i + 1, inner_pad) if i + 1 < len(guards)
               else [f"{inner_pad}outcome = await innermost(ctx)"])
-    lines = [
-        f"{pad}token{i} = enter{i}(ctx, now, task)",
-        f"{pad}if token{i} is DEFER:",
-        f"{pad}    outcome = await guard{i}(inner{i}, ctx)",
-        f"{pad}else:",
-    ]
+
+    def awaiting(awaitable: str) -> str:  # what this guard awaits, inside a covered timeout's `within`
+        return f"await within{i - 1}(ctx, deadline{i - 1}, {awaitable})" if i - 1 in covered else f"await {awaitable}"
+
+    lines = _lines(inline.enter, i, pad) if inline.enter else [f"{pad}token{i} = enter{i}(ctx, now, task)"]
+    if guard.defers:
+        lines += [f"{pad}if token{i} is DEFER:", f"{pad}    outcome = {awaiting(f'guard{i}(inner{i}, ctx)')}",
+                  f"{pad}else:"]
     if not settles:
         return lines + inside
-    return lines + [
-        f"{pad}    try:",
-        *inside,
-        f"{pad}    except BaseException as error:",
-        f"{pad}        outcome = exit_error{i}(ctx, token{i}, now, error)",
-        f"{pad}    else:",
-        f"{pad}        outcome = exit{i}(ctx, token{i}, now, outcome)",
-        f"{pad}    if type(outcome) is Resume:",
-        f"{pad}        outcome = await outcome.run(inner{i})",
-    ]
+    exit_ = (_lines(inline.exit, i, body_pad + "    ") if inline.exit
+             else [f"{body_pad}    outcome = exit{i}(ctx, token{i}, now, outcome)"])
+    exit_error = (_lines(inline.exit_error, i, body_pad + "    ") if inline.exit_error
+                  else [f"{body_pad}    outcome = exit_error{i}(ctx, token{i}, now, error)"])
+    lines += [f"{body_pad}try:", *inside, f"{body_pad}except BaseException as error:", *exit_error,
+              f"{body_pad}else:", *exit_]
+    if guard.resumes:
+        lines += [f"{body_pad}if type(outcome) is Resume:",
+                  f"{body_pad}    outcome = {awaiting(f'outcome.run(inner{i})')}"]
+    return lines
+
+
+def _covered(guards: Sequence[Guard]) -> set[int]:
+    """The timeouts that a shorter one further in covers (policies.guard: Coverable).
+
+    The one further in must cover every await inside this one but those of
+    the guard just inside it, which the layer awaits through `within`.
+    """
+    covered = set()
+    for i, guard in enumerate(guards):
+        if not isinstance(guard, Coverable):
+            continue
+        for j in range(i + 1, len(guards)):
+            inner = guards[j]
+            if isinstance(inner, Coverable) and inner.duration < guard.duration:
+                covered.add(i)
+                break
+            if j > i + 1 and (inner.defers or inner.resumes):
+                break
+    return covered
+
+
+# the layer's own names, which an Inline's lines share; every other name in them is the guard's
+_LAYER_NAMES = frozenset({"ctx", "now", "task", "outcome", "error", *keyword.kwlist, *dir(builtins)}) - {
+    "token", "enter", "exit", "guard"}  # (`exit` is also a builtin)
+_NAME = re.compile(r"(?<![\w.])[A-Za-z_]\w*")
+
+
+def _lines(source: str, i: int, pad: str) -> list[str]:
+    """An Inline's lines for guard `i`: the guard's names suffixed with `i`, indented by `pad`."""
+    def own(match: re.Match[str]) -> str:
+        name = match.group()
+        return name if name in _LAYER_NAMES else f"{name}{i}"
+
+    lines = []
+    for line in textwrap.dedent(source).strip("\n").splitlines():
+        code, hash_, comment = line.partition("#")  # (the lines hold no strings)
+        lines.append(pad + _NAME.sub(own, code) + hash_ + comment)
+    return lines
 
 
 def fused_layer(call: Call) -> FusedLayer | None:

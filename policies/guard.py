@@ -17,18 +17,26 @@ make another attempt through the rest of the chain).
 
 Every guard is also an ordinary `Policy`, and its `__call__` is written with the
 same `enter`/`exit` methods, so each policy has one implementation.
+
+A guard may also hand the fused layer its common case as a few lines of source
+(`Inline`), which the layer runs in place of the calls to `enter` and `exit`:
+under CPython a call costs more than what most guards do on the common path
+(README: Benchmarks). The lines answer only the case they are sure of and
+call the method otherwise, so the method stays the whole definition; the
+fused layer's property test holds the two together.
 """
 
 from __future__ import annotations
 
 from asyncio import Task
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeGuard, runtime_checkable
 
 from policies.base import Call, Outcome, Policy, RequestContext
 from policies.clock import Clock
 
-__all__ = ["Guard", "Resume", "DEFER", "is_guard", "fusable", "clock_of"]
+__all__ = ["Guard", "Inline", "Inlinable", "Coverable", "Resume", "DEFER", "is_guard", "fusable", "clock_of"]
 
 
 class _Defer:
@@ -62,6 +70,8 @@ class Guard(Policy, Protocol):
     # False when `exit` returns the outcome and `exit_error` raises the error, whatever they are:
     # a fused layer then calls neither (a rate limit's work is all in `enter`)
     settles: bool
+    defers: bool  # whether `enter` may return DEFER
+    resumes: bool  # whether an exit may return a Resume
 
     def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> Any:
         """Before the call, at `now`: a token for the exit, or `DEFER`; raises a rejection."""
@@ -73,6 +83,54 @@ class Guard(Policy, Protocol):
         self, ctx: RequestContext, token: Any, started: float, error: BaseException
     ) -> Outcome | Resume:
         """After the inner call raised `error`: raises what goes on out, or recovers."""
+
+
+@dataclass(frozen=True)
+class Inline:
+    """A guard's common case as source for a fused layer (policies.fused).
+
+    The lines are Python statements, with no strings in them. They share the
+    layer's `ctx`, `now`, `task` and `outcome`; every other name in them is the
+    guard's own (the layer renames them apart from other guards'): `token`,
+    `enter`, `exit` and `guard` (the guard's methods and the guard itself), the
+    names in `names`, and any local they assign. `enter` sets `token` to what
+    `enter(ctx, now, task)` would return (unless the guard neither defers nor
+    settles: then nothing reads it); `exit`, given `outcome`, sets `outcome` to
+    what `exit(ctx, token, now, outcome)` would return; `exit_error`, given
+    `error`, raises what goes on out or sets `outcome`, as `exit_error` would.
+    An empty string leaves that step to the method.
+    """
+
+    enter: str = ""
+    exit: str = ""
+    exit_error: str = ""
+    names: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Inlinable(Protocol):
+    def inline(self) -> Inline:
+        """This guard's common case as source, as it is configured now."""
+
+
+@runtime_checkable
+class Coverable(Protocol):
+    """A timeout: it does nothing but cut off what it wraps `duration` after `enter`.
+
+    In a fused layer a shorter one further in cuts the call off first, so
+    while the layer awaits only inside that one, this one's timer is never
+    needed. The layer then enters it with `inline_covered()`, which only
+    narrows `ctx.deadline`, and awaits anything else inside it through
+    `within` (a retry's next attempts, a deferring guard's own layer).
+    """
+
+    duration: float
+
+    def inline_covered(self) -> Inline:
+        """Enter and leave with no timer; `enter` sets `deadline`, when this timeout runs out."""
+
+    def within(self, ctx: RequestContext, deadline: float, awaitable: Awaitable[Outcome]) -> Awaitable[Outcome]:
+        """`awaitable`, cut off at `deadline` as this timeout would have cut off the call."""
 
 
 def is_guard(policy: object) -> TypeGuard[Guard]:

@@ -19,7 +19,7 @@ from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import RateLimited
 from policies.events import RateLimitBackendError, RateLimitHit
-from policies.guard import DEFER
+from policies.guard import DEFER, Inline
 from policies.token_bucket import BucketStore, Decision, LocalBucketStore, TokenBucket
 
 __all__ = ["RateLimitPolicy", "ratelimit_headers", "RATELIMIT_DRAFT"]
@@ -30,11 +30,12 @@ RATELIMIT_DRAFT = "draft-ietf-httpapi-ratelimit-headers-10"
 class RateLimitPolicy:
     __slots__ = ("name", "rate", "burst", "key", "wait", "shadow", "on_backend_error", "clock",
                  "_header", "_local", "_store", "_route_bucket", "_hit", "_shadow_hit",
-                 "_backend_error", "_prefix", "_immediate")
+                 "_backend_error", "_prefix", "_immediate", "defers")
 
     kind = "rate_limit"
     needs_task = False
     settles = False
+    resumes = False
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class RateLimitPolicy:
         self._backend_error = RateLimitBackendError(name)
         # a bucket in this process, and no waiting for a token: decided without an await
         self._immediate = store is None and (wait <= 0 or shadow)
+        self.defers = not self._immediate
 
     def _key_of(self, ctx: RequestContext) -> str:
         if self._header is not None:
@@ -97,6 +99,15 @@ class RateLimitPolicy:
         if bucket.take(now) < 0.0:
             self._refused(ctx, bucket, now)
         return None
+
+    def inline(self) -> Inline:
+        """`enter` with the route's one bucket, taking a token at once."""
+        if not self._immediate or self._route_bucket is None:
+            return Inline()
+        return Inline(names={"bucket": self._route_bucket, "refused": self._refused}, enter="""
+            if bucket.take(now) < 0.0:
+                refused(ctx, bucket, now)
+            """)
 
     def exit(self, ctx: RequestContext, token: object, started: float, outcome: Outcome) -> Outcome:
         return outcome

@@ -21,7 +21,7 @@ from policies.base import Call, Outcome, RequestContext
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import FenderError
 from policies.events import RetryAfterTooLong, RetryBudgetExhausted, RetryScheduled
-from policies.guard import Resume
+from policies.guard import Inline, Resume
 from policies.retry_budget import RetryBudget
 
 __all__ = ["RetryPolicy", "DEFAULT_ON", "IDEMPOTENT_METHODS", "GATEWAY_ERRORS"]
@@ -62,6 +62,8 @@ class RetryPolicy:
     kind = "retry"
     needs_task = False
     settles = True
+    defers = False
+    resumes = True  # every attempt after the first
 
     def __init__(
         self,
@@ -104,6 +106,25 @@ class RetryPolicy:
             return False
         self.budget.record_request(now)
         return True
+
+    def inline(self) -> Inline:
+        """`enter` for an idempotent method, and `exit` for a status that is not retried."""
+        names = {"methods": self.methods, "budget": self.budget, "reasons": self._status_reason}
+        if self.attempts == 1:
+            return Inline(enter="token = False", exit="pass")
+        return Inline(names=names, enter="""
+            if ctx.replayable and ctx.method in methods:
+                token = True
+                if now < budget.head_ends:  # RetryBudget.record_request, within the newest bucket
+                    budget.requests += 1
+                else:
+                    budget.record_request(now)
+            else:
+                token = enter(ctx, now, task)
+            """, exit="""
+            if token and outcome.status in reasons:
+                outcome = exit(ctx, token, now, outcome)
+            """)
 
     def exit(self, ctx: RequestContext, retrying: bool, started: float, outcome: Outcome) -> Outcome | Resume:
         if not retrying or outcome.status not in self._status_reason:  # (the common case, cheaply)

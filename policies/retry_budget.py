@@ -17,8 +17,8 @@ _BUCKETS = 10
 
 
 class RetryBudget:
-    __slots__ = ("ratio", "min_per_second", "window", "_width", "_requests", "_retries",
-                 "_head", "_slot", "_total_requests", "_total_retries")
+    __slots__ = ("ratio", "min_per_second", "window", "_width", "_requests", "_retries", "_head",
+                 "_old_requests", "_old_retries", "requests", "retries", "head_ends")
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, window: float = 10.0) -> None:
         if ratio < 0 or min_per_second < 0 or window <= 0:
@@ -27,48 +27,58 @@ class RetryBudget:
         self.min_per_second = min_per_second
         self.window = window
         self._width = window / _BUCKETS
+        # the buckets before the newest, by index % _BUCKETS, and their sums
         self._requests = [0] * _BUCKETS
         self._retries = [0] * _BUCKETS
-        self._head: int | None = None  # index (in bucket widths since 0) of the newest bucket
-        self._slot = 0  # where the head bucket is in the rings
-        self._total_requests = 0
-        self._total_retries = 0
+        self._old_requests = 0
+        self._old_retries = 0
+        # the newest bucket: its index (in bucket widths since 0), its counts, and when it ends.
+        # Plain attributes, because every request counts here: the retry's fused layer does
+        # `requests += 1` itself while `now < head_ends` (RetryPolicy.inline)
+        self._head: int | None = None
+        self.requests = 0
+        self.retries = 0
+        self.head_ends = float("-inf")
 
-    def _roll(self, now: float) -> int:
+    def _roll(self, now: float) -> None:
+        """Make the bucket of `now` the newest, dropping those that left the window."""
         index = int(now // self._width)
         head = self._head
-        if head is None:
-            self._head = index
-        elif index > head:
-            for i in range(head + 1, min(index, head + _BUCKETS) + 1):
+        if head is not None and index <= head:
+            return  # (`now` at a bucket's very end, by float rounding)
+        if head is not None:
+            slot = head % _BUCKETS  # the newest bucket joins the older ones
+            self._requests[slot], self._retries[slot] = self.requests, self.retries
+            self._old_requests += self.requests
+            self._old_retries += self.retries
+            for i in range(head + 1, min(index, head + _BUCKETS) + 1):  # slots the new buckets reuse
                 slot = i % _BUCKETS
-                self._total_requests -= self._requests[slot]
-                self._total_retries -= self._retries[slot]
-                self._requests[slot] = 0
-                self._retries[slot] = 0
-            self._head = index
-        self._slot = (self._head if self._head is not None else index) % _BUCKETS
-        return self._slot
+                self._old_requests -= self._requests[slot]
+                self._old_retries -= self._retries[slot]
+                self._requests[slot] = self._retries[slot] = 0
+        self._head = index
+        self.requests = self.retries = 0
+        self.head_ends = (index + 1) * self._width
 
     def record_request(self, now: float) -> None:
-        # every request lands here: within the head bucket there is nothing to roll
-        slot = self._slot if int(now // self._width) == self._head else self._roll(now)
-        self._requests[slot] += 1
-        self._total_requests += 1
+        if now >= self.head_ends:
+            self._roll(now)
+        self.requests += 1
 
     def try_spend(self, now: float) -> bool:
         """Take one retry from the budget if there is room; False means: do not retry."""
-        slot = self._roll(now)
-        allowed = self.ratio * self._total_requests + self.min_per_second * self.window
-        if self._total_retries + 1 > allowed:
+        requests, retries = self.snapshot(now)
+        allowed = self.ratio * requests + self.min_per_second * self.window
+        if retries + 1 > allowed:
             return False
-        self._retries[slot] += 1
-        self._total_retries += 1
+        self.retries += 1
         return True
 
     def snapshot(self, now: float) -> tuple[int, int]:
-        self._roll(now)
-        return self._total_requests, self._total_retries
+        """Requests and retries within the window that ends at `now`."""
+        if now >= self.head_ends:
+            self._roll(now)
+        return self._old_requests + self.requests, self._old_retries + self.retries
 
     def describe(self, now: float) -> dict[str, Any]:
         requests, retries = self.snapshot(now)

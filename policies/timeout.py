@@ -9,6 +9,7 @@ restores the outer deadline afterwards.
 from __future__ import annotations
 
 from asyncio import CancelledError, Task, current_task
+from collections.abc import Awaitable
 from typing import Any, NoReturn
 
 from policies.base import Call, Outcome, RequestContext
@@ -25,6 +26,7 @@ from policies.deadlines import (
 )
 from policies.errors import TimedOut
 from policies.events import TimeoutFired
+from policies.guard import Inline
 
 __all__ = ["TimeoutPolicy"]
 
@@ -35,6 +37,8 @@ class TimeoutPolicy:
     kind = "timeout"
     needs_task = True  # to cancel it at the deadline
     settles = True
+    defers = False
+    resumes = False
 
     def __init__(self, duration: float, *, name: str = "timeout", clock: Clock = SYSTEM_CLOCK) -> None:
         if duration <= 0:
@@ -56,6 +60,46 @@ class TimeoutPolicy:
         if outer is None or deadline < outer:
             ctx.deadline = deadline
         return self._deadlines.enter(task, deadline, outer)
+
+    def inline(self) -> Inline:
+        """`enter` and `exit` as they are (the layer saves a call each)."""
+        return Inline(names={"deadlines": self._deadlines}, enter=f"""
+            outer = ctx.deadline
+            deadline = now + {self.duration!r}
+            if outer is None or deadline < outer:
+                ctx.deadline = deadline
+            token = deadlines.enter(task, deadline, outer)
+            """, exit=f"""
+            token[{STATE}] = {DONE}
+            ctx.deadline = token[{OUTER}]
+            """)
+
+    # -- covered by a shorter timeout in the same fused layer (policies.guard: Coverable)
+
+    def inline_covered(self) -> Inline:
+        """Only `ctx.deadline`, narrowed and restored: the timeout further in cancels first."""
+        return Inline(enter=f"""
+            outer = ctx.deadline
+            deadline = now + {self.duration!r}
+            if outer is None or deadline < outer:
+                ctx.deadline = deadline
+            """, exit="ctx.deadline = outer", exit_error="""
+            ctx.deadline = outer
+            raise
+            """)
+
+    async def within(self, ctx: RequestContext, deadline: float, awaitable: Awaitable[Outcome]) -> Outcome:
+        # out of turn in the deadline queue (the call entered earlier), so with a timer of its own
+        task = ctx.task or current_task()
+        assert task is not None
+        entry, timer = self._deadlines.enter_alone(task, deadline, ctx.deadline)
+        try:
+            outcome = await awaitable
+        except BaseException as error:
+            self.exit_error(ctx, entry, 0.0, error)
+        finally:
+            timer.cancel()
+        return self.exit(ctx, entry, 0.0, outcome)
 
     def exit(self, ctx: RequestContext, entry: DeadlineEntry, started: float, outcome: Outcome) -> Outcome:
         entry[STATE] = DONE

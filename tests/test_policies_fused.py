@@ -18,11 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import policies.fused
-from policies.base import Call, Policy, RequestContext, compose
+from policies.base import Call, Outcome, Policy, RequestContext, compose
 from policies.breaker_state import BreakerStateMachine
 from policies.bulkhead import BulkheadPolicy
 from policies.circuit_breaker import CircuitBreakerPolicy
 from policies.errors import FenderError, TimedOut, UpstreamReset, UpstreamUnavailable
+from policies.events import TimeoutFired
 from policies.fallback import FallbackPolicy
 from policies.fused import FusedLayer, fused_layer
 from policies.guard import DEFER
@@ -205,3 +206,61 @@ async def test_a_task_given_with_the_request_is_the_one_a_timeout_cancels() -> N
     with pytest.raises(TimedOut):
         await chain(ctx)
     assert clock.now() == pytest.approx(1001.0)
+
+
+# A timeout with a shorter one further in is entered without a timer of its own (policies.guard:
+# Coverable); what it wraps and the shorter one does not (a retry's next attempts, a deferring
+# guard's wait) must still be cut off at its deadline, as nested layers would.
+
+@pytest.mark.parametrize("names", [
+    ["timeout-3s", "retry", "timeout-1s"],  # the retry's next attempts await through `within`
+    ["timeout-3s", "retry", "timeout-1s", "timeout-1s"],
+    ["timeout-3s", "fallback-limits", "retry", "timeout-1s"],  # a retry further in: not covered
+    ["rate_limit", "timeout-3s", "retry", "fallback-limits", "timeout-1s"],
+])
+def test_a_covered_timeout_still_cuts_off_the_retries_inside_it(names: list[str]) -> None:
+    script: list[object] = [Hang(2.0)]
+    run_both(names, script, [("GET", 0.0)])
+    seen = asyncio.run(play(names, script, [("GET", 0.0)], fuse=True))
+    (result, attempts, deadline, now, _), (events, *_) = seen[0], seen[1]
+    # three attempts: cut at 1s, at about 2s, and by the 3s budget during the third
+    assert result[:2] == ("error", "TimedOut") and attempts == 3 and deadline is None
+    assert now == pytest.approx(1003.0) and events[-1] == TimeoutFired(budget=3.0)
+
+
+class Pause:
+    """A guard that always defers, and waits a second in its own layer (what rate limits and
+    bulkheads do when they must wait, except that they also mind the deadline themselves)."""
+
+    kind = "pause"
+    needs_task = False
+    settles = True
+    defers = True
+    resumes = False
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def enter(self, ctx: RequestContext, now: float, task: object) -> object:
+        return DEFER
+
+    def exit(self, ctx: RequestContext, token: object, started: float, outcome: Outcome) -> Outcome:
+        return outcome
+
+    def exit_error(self, ctx: RequestContext, token: object, started: float, error: BaseException) -> Outcome:
+        raise error
+
+    async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
+        await self.clock.sleep(1.0)
+        return await call(ctx)
+
+
+async def test_a_covered_timeout_still_cuts_off_a_deferring_guards_wait() -> None:
+    clock = FakeClock()
+    chain = compose([TimeoutPolicy(0.5, clock=clock), Pause(clock), TimeoutPolicy(0.1, clock=clock)],
+                    ScriptedUpstream(clock, 200))
+    layer = fused_layer(chain)
+    assert layer is not None and len(layer.guards) == 3 and "within0" in layer.source
+    with pytest.raises(TimedOut, match="500ms"):
+        await chain(make_ctx())
+    assert clock.now() == pytest.approx(1000.5)
