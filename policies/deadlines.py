@@ -19,6 +19,7 @@ the clock's `now()` mapped onto `loop.time()`.
 from __future__ import annotations
 
 import asyncio
+import textwrap
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -68,6 +69,21 @@ class DeadlineQueue:
         if self._timer is None or (self._scheduler is None and task.get_loop() is not self._loop):
             self._arm(deadline)  # (a policy kept across event loops, e.g. in tests, re-arms)
         return entry
+
+    def inline_enter(self) -> tuple[str, dict[str, Any]]:
+        """`token = enter(task, deadline, outer)` as source, and the names it uses (policies.guard: Inline).
+
+        For a fused layer, which spares the call; keep it alike with `enter`.
+        """
+        rearm = "" if self._scheduler is not None else " or task.get_loop() is not queue._loop"
+        return textwrap.dedent(f"""
+            while entries and entries[0][{STATE}]:
+                entries.popleft()
+            token = [deadline, task, task.cancelling(), outer, {LIVE}]
+            entries.append(token)
+            if queue._timer is None{rearm}:
+                queue._arm(deadline)
+            """), {"queue": self, "entries": self._entries}
 
     def enter_alone(self, task: asyncio.Task[Any], deadline: float, outer: float | None) -> tuple[DeadlineEntry, Any]:
         """An entry out of turn (its deadline is earlier than the newest): it gets a timer of its own.

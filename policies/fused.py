@@ -194,7 +194,9 @@ def _lines(source: str, i: int, pad: str) -> list[str]:
         return name if name in _LAYER_NAMES else f"{name}{i}"
 
     lines = []
-    for line in textwrap.dedent(source).strip("\n").splitlines():
+    for line in textwrap.dedent(source).splitlines():
+        if not line.strip():
+            continue
         code, hash_, comment = line.partition("#")  # (the lines hold no strings)
         lines.append(pad + _NAME.sub(own, code) + hash_ + comment)
     return lines

@@ -101,11 +101,18 @@ class RateLimitPolicy:
         return None
 
     def inline(self) -> Inline:
-        """`enter` with the route's one bucket, taking a token at once."""
-        if not self._immediate or self._route_bucket is None:
+        """`enter` with the route's one bucket: `TokenBucket.take` when a token is there after the refill."""
+        bucket = self._route_bucket
+        if not self._immediate or bucket is None:
             return Inline()
-        return Inline(names={"bucket": self._route_bucket, "refused": self._refused}, enter="""
-            if bucket.take(now) < 0.0:
+        return Inline(names={"bucket": bucket, "refused": self._refused}, enter=f"""
+            tokens = bucket.tokens + (now - bucket.stamp) * {bucket.rate!r}
+            if tokens > {bucket.burst!r}:
+                tokens = {bucket.burst!r}
+            if tokens >= 1.0 and now >= bucket.stamp:
+                bucket.tokens = tokens - 1.0
+                bucket.stamp = now
+            elif bucket.take(now) < 0.0:
                 refused(ctx, bucket, now)
             """)
 

@@ -8,6 +8,7 @@ restores the outer deadline afterwards.
 
 from __future__ import annotations
 
+import textwrap
 from asyncio import CancelledError, Task, current_task
 from collections.abc import Awaitable
 from typing import Any, NoReturn
@@ -62,28 +63,27 @@ class TimeoutPolicy:
         return self._deadlines.enter(task, deadline, outer)
 
     def inline(self) -> Inline:
-        """`enter` and `exit` as they are (the layer saves a call each)."""
-        return Inline(names={"deadlines": self._deadlines}, enter=f"""
+        """`enter` and `exit` as they are (the layer saves a call each, and the queue's)."""
+        enter, names = self._deadlines.inline_enter()
+        return Inline(names=names, enter=self._narrow() + enter, exit=f"""
+            token[{STATE}] = {DONE}
+            ctx.deadline = token[{OUTER}]
+            """)
+
+    def _narrow(self) -> str:
+        """`enter`'s first half as source: sets `outer` and `deadline`, and narrows `ctx.deadline`."""
+        return textwrap.dedent(f"""
             outer = ctx.deadline
             deadline = now + {self.duration!r}
             if outer is None or deadline < outer:
                 ctx.deadline = deadline
-            token = deadlines.enter(task, deadline, outer)
-            """, exit=f"""
-            token[{STATE}] = {DONE}
-            ctx.deadline = token[{OUTER}]
             """)
 
     # -- covered by a shorter timeout in the same fused layer (policies.guard: Coverable)
 
     def inline_covered(self) -> Inline:
         """Only `ctx.deadline`, narrowed and restored: the timeout further in cancels first."""
-        return Inline(enter=f"""
-            outer = ctx.deadline
-            deadline = now + {self.duration!r}
-            if outer is None or deadline < outer:
-                ctx.deadline = deadline
-            """, exit="ctx.deadline = outer", exit_error="""
+        return Inline(enter=self._narrow(), exit="ctx.deadline = outer", exit_error="""
             ctx.deadline = outer
             raise
             """)

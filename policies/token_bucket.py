@@ -38,6 +38,7 @@ class TokenBucket:
 
     def take(self, now: float, max_wait: float = 0.0) -> float:
         """Take one token. Returns the wait before using it (0.0: now), or -1.0 if refused."""
+        # (RateLimitPolicy.inline has the case of a token there after the refill: keep the two alike)
         tokens = self.tokens
         if now > self.stamp:  # refill(now), inline: this runs on every request
             tokens += (now - self.stamp) * self.rate

@@ -264,3 +264,17 @@ async def test_a_covered_timeout_still_cuts_off_a_deferring_guards_wait() -> Non
     with pytest.raises(TimedOut, match="500ms"):
         await chain(make_ctx())
     assert clock.now() == pytest.approx(1000.5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+async def test_calls_that_left_do_not_pile_up_in_a_timeouts_queue(fuse: bool) -> None:
+    clock = FakeClock()
+    policies: list[Policy] = [TimeoutPolicy(3.0, clock=clock), MAKERS["retry"](clock), TimeoutPolicy(1.0, clock=clock)]
+    upstream = ScriptedUpstream(clock, *[200] * 50)
+    chain = compose(policies, upstream) if fuse else nested(policies, upstream)
+    for _ in range(50):
+        assert (await chain(make_ctx())).status == 200
+        clock.advance(0.01)
+    # each call drops the entries of those that left before it (memory stays flat under load)
+    queue = policies[2]._deadlines  # type: ignore[attr-defined]
+    assert len(queue._entries) == 1 and len(queue) == 0
