@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -129,6 +130,7 @@ async def serve(settings: object) -> int:
     app.load_initial()  # raises ConfigInvalid before anything listens
     assemble(app)
     await app.start()
+    _settle_heap()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
@@ -141,6 +143,21 @@ async def serve(settings: object) -> int:
     await stopping.wait()
     await app.drain_and_stop()
     return 0
+
+
+def _settle_heap() -> None:
+    """Keep the cyclic garbage collector off the request path.
+
+    Each request allocates and frees containers (coroutines, frames, dicts) by the
+    dozen. With CPython's default threshold of 700 a young collection ran every few
+    requests under load, and every tenth of those walked everything imported at start
+    too: 6 % of the CPU at 256 connections, and the p99 there doubled (README:
+    Benchmarks). Freezing what start-up built takes it out of every later pass; the
+    higher threshold still bounds uncollected cyclic garbage to a few thousand objects.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
 
 
 if __name__ == "__main__":
