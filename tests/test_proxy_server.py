@@ -152,6 +152,10 @@ def test_a_header_value_with_a_line_break_is_never_written():
         encode_head(200, None, {"x-a": "1\r\nSet-Cookie: evil=1"}, "")
     with pytest.raises(ValueError):
         encode_head(200, None, {"x-a": "1\nx-b: 2"}, "")
+    with pytest.raises(ValueError):
+        encode_head(200, None, {"x-a": "1\rx-b: 2"}, "")
+    with pytest.raises(ValueError):
+        encode_head(200, "OK\r\nx-b: 2", {}, "")
     assert encode_head(200, None, {"x-a": "1"}, "Content-Length: 0\r\n").startswith(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n")
 
 
