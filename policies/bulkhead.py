@@ -32,6 +32,7 @@ class BulkheadPolicy:
     settles = True
     defers = True  # when full: it queues the call in its own layer
     resumes = False
+    recovers = False
 
     def __init__(
         self,

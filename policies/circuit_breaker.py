@@ -50,6 +50,7 @@ class CircuitBreakerPolicy:
     settles = True
     defers = False
     resumes = False
+    recovers = False
 
     def __init__(
         self,

@@ -86,7 +86,7 @@ class DeadlineQueue:
             """), {"queue": self, "entries": self._entries}
 
     def enter_alone(self, task: asyncio.Task[Any], deadline: float, outer: float | None) -> tuple[DeadlineEntry, Any]:
-        """An entry out of turn (its deadline is earlier than the newest): it gets a timer of its own.
+        """An entry out of turn (its deadline is earlier than those of calls that entered since): it gets a timer of its own.
 
         Returns the entry and the timer, which the caller cancels when it leaves.
         """
@@ -101,11 +101,13 @@ class DeadlineQueue:
     def _arm(self, when: float) -> None:
         self._timer_at = when
         self._timer = self._call_at(when, self._fire)
+        if self._scheduler is None:
+            self._loop = asyncio.get_running_loop()  # (only the queue's own timer says where it is armed)
 
     def _call_at(self, when: float, callback: Callable[[], None]) -> Any:
         if self._scheduler is not None:
             return self._scheduler(when, callback)
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         return loop.call_at(loop.time() + (when - self.clock.now()), callback)
 
     def _fire(self) -> None:

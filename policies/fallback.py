@@ -33,6 +33,7 @@ class FallbackPolicy:
     settles = True
     defers = False
     resumes = False
+    recovers = True  # an error it is configured for becomes its response
     clock = None  # it never asks the time, so it fuses with guards on any clock
 
     def __init__(

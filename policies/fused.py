@@ -41,7 +41,7 @@ MAX_GENERATED = 12
 
 
 class FusedLayer:
-    __slots__ = ("guards", "inners", "innermost", "now", "needs_task", "run", "source")
+    __slots__ = ("guards", "inners", "innermost", "now", "needs_task", "source", "_function")
 
     def __init__(self, guards: Sequence[Guard], inners: Sequence[Call], *, generate: bool = True) -> None:
         """`inners[i]` is the rest of the chain inside `guards[i]`; the last one is what they all wrap."""
@@ -56,15 +56,25 @@ class FusedLayer:
         # asyncio.current_task() costs a getpid() syscall: ask once, and only if a guard needs it
         self.needs_task = any(guard.needs_task for guard in guards)
         self.source = ""
-        # `run(ctx)` is the layer's coroutine; `compose` chains `run` itself, one call less than `self`
-        self.run: Callable[[RequestContext], Coroutine[Any, Any, Outcome]] = (
-            self._generated() if generate and len(self.guards) <= MAX_GENERATED else self._loop
+        generated = generate and len(self.guards) <= MAX_GENERATED
+        self._function: Callable[..., Coroutine[Any, Any, Outcome]] = (
+            self._generated() if generated else FusedLayer._loop
         )
 
-    def __call__(self, ctx: RequestContext) -> Coroutine[Any, Any, Outcome]:
-        return self.run(ctx)
+    @property
+    def run(self) -> Callable[[RequestContext], Coroutine[Any, Any, Outcome]]:
+        """The layer's coroutine function; `compose` chains it itself, one call less than `self`.
 
-    def _generated(self) -> Callable[[RequestContext], Coroutine[Any, Any, Outcome]]:
+        Made on request rather than kept: a layer that held its own bound method would be
+        a reference cycle, left after a reload for the cyclic collector (which Fender keeps
+        away from the objects built at start-up: proxy.cli).
+        """
+        return MethodType(self._function, self)
+
+    def __call__(self, ctx: RequestContext) -> Coroutine[Any, Any, Outcome]:
+        return self._function(self, ctx)
+
+    def _generated(self) -> Callable[..., Coroutine[Any, Any, Outcome]]:
         names: dict[str, Any] = {
             "DEFER": DEFER, "Resume": Resume, "now_": self.now, "current_task": current_task,
             "innermost": self.innermost,
@@ -88,7 +98,7 @@ class FusedLayer:
         lines.append("    return outcome")
         self.source = "\n".join(lines)
         exec(compile(self.source, f"<fused layer of {len(self.guards)} guards>", "exec"), names)
-        return MethodType(names["run"], self)
+        return names.pop("run")  # type: ignore[no-any-return]  # (left in its globals, a cycle)
 
     async def _loop(self, ctx: RequestContext) -> Outcome:
         guards = self.guards
@@ -165,7 +175,8 @@ def _covered(guards: Sequence[Guard]) -> set[int]:
     """The timeouts that a shorter one further in covers (policies.guard: Coverable).
 
     The one further in must cover every await inside this one but those of
-    the guard just inside it, which the layer awaits through `within`.
+    the guard just inside it, which `_nested` sends through `within`; and no
+    guard in between may answer for an error.
     """
     covered = set()
     for i, guard in enumerate(guards):
@@ -176,7 +187,7 @@ def _covered(guards: Sequence[Guard]) -> set[int]:
             if isinstance(inner, Coverable) and inner.duration < guard.duration:
                 covered.add(i)
                 break
-            if j > i + 1 and (inner.defers or inner.resumes):
+            if inner.recovers or (j > i + 1 and (inner.defers or inner.resumes)):
                 break
     return covered
 

@@ -72,6 +72,7 @@ class Guard(Policy, Protocol):
     settles: bool
     defers: bool  # whether `enter` may return DEFER
     resumes: bool  # whether an exit may return a Resume
+    recovers: bool  # whether `exit_error` may answer with an outcome (a fallback)
 
     def enter(self, ctx: RequestContext, now: float, task: Task[Any] | None) -> Any:
         """Before the call, at `now`: a token for the exit, or `DEFER`; raises a rejection."""
@@ -121,7 +122,10 @@ class Coverable(Protocol):
     while the layer awaits only inside that one, this one's timer is never
     needed. The layer then enters it with `inline_covered()`, which only
     narrows `ctx.deadline`, and awaits anything else inside it through
-    `within` (a retry's next attempts, a deferring guard's own layer).
+    `within` (a retry's next attempts, a deferring guard's own layer). That
+    holds only if no guard in between can answer for the shorter one's
+    error (`recovers`): were the loop late past both deadlines, the answer
+    would stand where this timeout would have failed the call.
     """
 
     duration: float

@@ -36,6 +36,7 @@ class RateLimitPolicy:
     needs_task = False
     settles = False
     resumes = False
+    recovers = False
 
     def __init__(
         self,
@@ -105,10 +106,11 @@ class RateLimitPolicy:
         bucket = self._route_bucket
         if not self._immediate or bucket is None:
             return Inline()
-        return Inline(names={"bucket": bucket, "refused": self._refused}, enter=f"""
-            tokens = bucket.tokens + (now - bucket.stamp) * {bucket.rate!r}
-            if tokens > {bucket.burst!r}:
-                tokens = {bucket.burst!r}
+        names = {"bucket": bucket, "refused": self._refused, "rate": bucket.rate, "burst": bucket.burst}
+        return Inline(names=names, enter="""
+            tokens = bucket.tokens + (now - bucket.stamp) * rate
+            if tokens > burst:
+                tokens = burst
             if tokens >= 1.0 and now >= bucket.stamp:
                 bucket.tokens = tokens - 1.0
                 bucket.stamp = now

@@ -64,6 +64,7 @@ class RetryPolicy:
     settles = True
     defers = False
     resumes = True  # every attempt after the first
+    recovers = False  # (its exits resume instead)
 
     def __init__(
         self,

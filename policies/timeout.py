@@ -40,6 +40,7 @@ class TimeoutPolicy:
     settles = True
     defers = False
     resumes = False
+    recovers = False
 
     def __init__(self, duration: float, *, name: str = "timeout", clock: Clock = SYSTEM_CLOCK) -> None:
         if duration <= 0:
@@ -65,16 +66,19 @@ class TimeoutPolicy:
     def inline(self) -> Inline:
         """`enter` and `exit` as they are (the layer saves a call each, and the queue's)."""
         enter, names = self._deadlines.inline_enter()
-        return Inline(names=names, enter=self._narrow() + enter, exit=f"""
+        return Inline(names={**names, "duration": self.duration}, enter=self._narrow() + enter, exit=f"""
             token[{STATE}] = {DONE}
             ctx.deadline = token[{OUTER}]
             """)
 
     def _narrow(self) -> str:
-        """`enter`'s first half as source: sets `outer` and `deadline`, and narrows `ctx.deadline`."""
-        return textwrap.dedent(f"""
+        """`enter`'s first half as source: sets `outer` and `deadline`, and narrows `ctx.deadline`.
+
+        (`duration` is a name, not a literal: `repr` of a number is not always one, e.g. `inf`.)
+        """
+        return textwrap.dedent("""
             outer = ctx.deadline
-            deadline = now + {self.duration!r}
+            deadline = now + duration
             if outer is None or deadline < outer:
                 ctx.deadline = deadline
             """)
@@ -83,12 +87,24 @@ class TimeoutPolicy:
 
     def inline_covered(self) -> Inline:
         """Only `ctx.deadline`, narrowed and restored: the timeout further in cancels first."""
-        return Inline(enter=self._narrow(), exit="ctx.deadline = outer", exit_error="""
-            ctx.deadline = outer
-            raise
-            """)
+        return Inline(names={"duration": self.duration}, enter=self._narrow(), exit="ctx.deadline = outer",
+                      exit_error="guard.overran(ctx, deadline, outer, error)")
+
+    def overran(self, ctx: RequestContext, deadline: float, outer: float | None, error: BaseException) -> NoReturn:
+        """A covered timeout's `exit_error`: `error` goes on out, unless it is the shorter timeout's
+
+        and this one's time is up too (the loop ran late past both deadlines, or the call took
+        long to unwind): as a layer of its own, this one would have cut the call off first.
+        """
+        ctx.deadline = outer
+        # (a TimedOut with this one's message is this one's own, from `within`)
+        if isinstance(error, TimedOut) and error.message != self._message and self.clock.now() >= deadline:
+            ctx.emit(self._event)
+            raise TimedOut(self._message) from None
+        raise error
 
     async def within(self, ctx: RequestContext, deadline: float, awaitable: Awaitable[Outcome]) -> Outcome:
+        """A covered timeout's await outside the shorter one (a retry's next attempts): cut off at `deadline`."""
         # out of turn in the deadline queue (the call entered earlier), so with a timer of its own
         task = ctx.task or current_task()
         assert task is not None

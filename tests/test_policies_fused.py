@@ -9,6 +9,8 @@ errors, events in order, attempts, released responses, the clock, ctx.deadline.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,6 +35,7 @@ from policies.testing import EventLog, FakeClock, Hang, ScriptedUpstream, make_c
 from policies.timeout import TimeoutPolicy
 
 Maker = Callable[[FakeClock], Policy]
+MAX_GENERATED_DEFAULT = policies.fused.MAX_GENERATED
 
 MAKERS: dict[str, Maker] = {
     "timeout-1s": lambda clock: TimeoutPolicy(1.0, clock=clock),
@@ -237,6 +240,7 @@ class Pause:
     settles = True
     defers = True
     resumes = False
+    recovers = False
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -278,3 +282,101 @@ async def test_calls_that_left_do_not_pile_up_in_a_timeouts_queue(fuse: bool) ->
     # each call drops the entries of those that left before it (memory stays flat under load)
     queue = policies[2]._deadlines  # type: ignore[attr-defined]
     assert len(queue._entries) == 1 and len(queue) == 0
+
+
+def test_a_fallback_between_two_timeouts_keeps_the_outer_ones_timer() -> None:
+    # were the loop late past both deadlines, the fallback would answer for the inner timeout
+    # where the outer one, as a layer of its own, fails the call
+    clock = FakeClock()
+    chain = compose([TimeoutPolicy(3.0, clock=clock), FallbackPolicy(on=["timeout"]), TimeoutPolicy(1.0, clock=clock)],
+                    ScriptedUpstream(clock))
+    layer = fused_layer(chain)
+    assert layer is not None and "within" not in layer.source and "queue0._arm" in layer.source
+
+
+class SlowToUnwind:
+    """An upstream that takes 5 s to finish once cancelled (an await in its clean-up)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    async def __call__(self, ctx: RequestContext) -> Outcome:
+        try:
+            await self.clock.sleep(10)
+        except asyncio.CancelledError:
+            await self.clock.sleep(5)
+            raise
+        return Outcome(200, {})
+
+
+async def test_a_covered_timeout_reports_itself_when_its_time_ran_out_too() -> None:
+    clock = FakeClock()
+    log = EventLog()
+    chain = compose([TimeoutPolicy(3.0, clock=clock), MAKERS["retry"](clock), TimeoutPolicy(1.0, clock=clock)],
+                    SlowToUnwind(clock))
+    with pytest.raises(TimedOut, match="3s"):  # not the 1s attempt timeout's error
+        await chain(make_ctx(bus=log.bus))
+    # (as nested layers would, except that the 3 s timer would have cut the clean-up short)
+    assert log.events[-1] == TimeoutFired(budget=3.0) and clock.now() == pytest.approx(1006.0)
+
+
+async def test_numbers_that_repr_does_not_spell_as_literals_still_work() -> None:
+    clock = FakeClock()
+    chain = compose([RateLimitPolicy(10, float("inf"), clock=clock), TimeoutPolicy(float("inf"), clock=clock),
+                     TimeoutPolicy(1.0, clock=clock)], ScriptedUpstream(clock, 200))
+    assert fused_layer(chain) is not None
+    assert (await chain(make_ctx())).status == 200
+
+
+@pytest.mark.parametrize("generated", [MAX_GENERATED_DEFAULT, 0])
+def test_a_dropped_chain_is_freed_without_the_cycle_collector(generated: int) -> None:
+    # Fender freezes what it built at start-up out of the collector's reach (proxy.cli): the
+    # chains it built then must be freed by reference counting when a reload drops them
+    clock = FakeClock()
+
+    async def terminal(ctx: RequestContext) -> Outcome:
+        return Outcome(200, {})
+
+    alive = weakref.ref(terminal)
+    policies.fused.MAX_GENERATED = generated
+    try:
+        chain = compose([MAKERS[name](clock) for name in FULL], terminal)
+    finally:
+        policies.fused.MAX_GENERATED = MAX_GENERATED_DEFAULT
+    layer = fused_layer(chain)
+    assert layer is not None and bool(layer.source) == bool(generated)
+    del terminal, layer
+    gc.disable()
+    try:
+        del chain
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_a_timeout_kept_across_event_loops_still_fires_after_a_covered_call() -> None:
+    outer, inner = TimeoutPolicy(0.2), TimeoutPolicy(0.01)
+    calls = 0
+
+    async def reset_then_ok(ctx: RequestContext) -> Outcome:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise UpstreamReset("x")
+        return Outcome(200, {})
+
+    async def hang(ctx: RequestContext) -> Outcome:
+        await asyncio.sleep(2)
+        return Outcome(200, {})
+
+    async def first_loop() -> None:  # leaves the outer timeout's queue timer armed on this loop
+        assert (await partial(outer, ScriptedUpstream(FakeClock(), 200))(make_ctx())).status == 200
+
+    async def second_loop() -> None:
+        chain = compose([outer, RetryPolicy(attempts=2, on=["reset"], rng=lambda: 0.0), inner], reset_then_ok)
+        assert (await chain(make_ctx())).status == 200 and calls == 2  # the second attempt ran in `within`
+        with pytest.raises(TimedOut):
+            await asyncio.wait_for(partial(outer, hang)(make_ctx()), 1.5)
+
+    asyncio.run(first_loop())
+    asyncio.run(second_loop())
