@@ -22,12 +22,11 @@ its method calls.
 
 from __future__ import annotations
 
+import ast
 import builtins
-import keyword
-import re
 import textwrap
 from asyncio import current_task
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import MethodType
 from typing import Any
 
@@ -85,13 +84,13 @@ class FusedLayer:
             if i in covered:
                 assert isinstance(guard, Coverable)
                 inline = guard.inline_covered()
-                names[f"within{i}"] = guard.within
+                names[f"within_{i}"] = guard.within
             else:
                 inline = guard.inline() if isinstance(guard, Inlinable) else Inline()
             inlines.append(inline)
-            names.update({f"guard{i}": guard, f"inner{i}": self.inners[i], f"enter{i}": guard.enter,
-                          f"exit{i}": guard.exit, f"exit_error{i}": guard.exit_error})
-            names.update({f"{name}{i}": value for name, value in inline.names.items()})
+            names.update({f"guard_{i}": guard, f"inner_{i}": self.inners[i], f"enter_{i}": guard.enter,
+                          f"exit_{i}": guard.exit, f"exit_error_{i}": guard.exit_error})
+            names.update({f"{name}_{i}": value for name, value in inline.names.items()})
         task = "ctx.task or current_task()" if self.needs_task else "None"
         lines = ["async def run(self, ctx):", "    now = now_()", f"    task = {task}"]
         lines += _nested(self.guards, inlines, covered, 0, "    ")
@@ -142,7 +141,7 @@ class FusedLayer:
 
 
 def _nested(guards: Sequence[Guard], inlines: Sequence[Inline], covered: set[int], i: int, pad: str) -> list[str]:
-    """Guard `i` around the rest: what `guard{i}.__call__(inner{i}, ctx)` does, with its methods."""
+    """Guard `i` around the rest: what `guard_{i}.__call__(inner_{i}, ctx)` does, with its methods."""
     guard, inline = guards[i], inlines[i]
     settles = guard.settles  # if not, its exits hand on what they get: no block for them
     body_pad = pad + ("    " if guard.defers else "")
@@ -151,23 +150,23 @@ def _nested(guards: Sequence[Guard], inlines: Sequence[Inline], covered: set[int
               else [f"{inner_pad}outcome = await innermost(ctx)"])
 
     def awaiting(awaitable: str) -> str:  # what this guard awaits, inside a covered timeout's `within`
-        return f"await within{i - 1}(ctx, deadline{i - 1}, {awaitable})" if i - 1 in covered else f"await {awaitable}"
+        return f"await within_{i - 1}(ctx, deadline_{i - 1}, {awaitable})" if i - 1 in covered else f"await {awaitable}"
 
-    lines = _lines(inline.enter, i, pad) if inline.enter else [f"{pad}token{i} = enter{i}(ctx, now, task)"]
+    lines = _lines(inline, inline.enter, i, pad) if inline.enter else [f"{pad}token_{i} = enter_{i}(ctx, now, task)"]
     if guard.defers:
-        lines += [f"{pad}if token{i} is DEFER:", f"{pad}    outcome = {awaiting(f'guard{i}(inner{i}, ctx)')}",
+        lines += [f"{pad}if token_{i} is DEFER:", f"{pad}    outcome = {awaiting(f'guard_{i}(inner_{i}, ctx)')}",
                   f"{pad}else:"]
     if not settles:
         return lines + inside
-    exit_ = (_lines(inline.exit, i, body_pad + "    ") if inline.exit
-             else [f"{body_pad}    outcome = exit{i}(ctx, token{i}, now, outcome)"])
-    exit_error = (_lines(inline.exit_error, i, body_pad + "    ") if inline.exit_error
-                  else [f"{body_pad}    outcome = exit_error{i}(ctx, token{i}, now, error)"])
+    exit_ = (_lines(inline, inline.exit, i, body_pad + "    ") if inline.exit
+             else [f"{body_pad}    outcome = exit_{i}(ctx, token_{i}, now, outcome)"])
+    exit_error = (_lines(inline, inline.exit_error, i, body_pad + "    ") if inline.exit_error
+                  else [f"{body_pad}    outcome = exit_error_{i}(ctx, token_{i}, now, error)"])
     lines += [f"{body_pad}try:", *inside, f"{body_pad}except BaseException as error:", *exit_error,
               f"{body_pad}else:", *exit_]
     if guard.resumes:
         lines += [f"{body_pad}if type(outcome) is Resume:",
-                  f"{body_pad}    outcome = {awaiting(f'outcome.run(inner{i})')}"]
+                  f"{body_pad}    outcome = {awaiting(f'outcome.run(inner_{i})')}"]
     return lines
 
 
@@ -193,24 +192,31 @@ def _covered(guards: Sequence[Guard]) -> set[int]:
 
 
 # the layer's own names, which an Inline's lines share; every other name in them is the guard's
-_LAYER_NAMES = frozenset({"ctx", "now", "task", "outcome", "error", *keyword.kwlist, *dir(builtins)}) - {
+_LAYER_NAMES = frozenset({"ctx", "now", "task", "outcome", "error", *dir(builtins)}) - {
     "token", "enter", "exit", "guard"}  # (`exit` is also a builtin)
-_NAME = re.compile(r"(?<![\w.])[A-Za-z_]\w*")
 
 
-def _lines(source: str, i: int, pad: str) -> list[str]:
-    """An Inline's lines for guard `i`: the guard's names suffixed with `i`, indented by `pad`."""
-    def own(match: re.Match[str]) -> str:
-        name = match.group()
-        return name if name in _LAYER_NAMES else f"{name}{i}"
+class _GuardsOwn(ast.NodeTransformer):
+    """Renames the guard's names (not attributes, not keywords) `name_i`, apart from other guards';
+    a name for a number becomes the number (a constant costs less to load than a global)."""
 
-    lines = []
-    for line in textwrap.dedent(source).splitlines():
-        if not line.strip():
-            continue
-        code, hash_, comment = line.partition("#")  # (the lines hold no strings)
-        lines.append(pad + _NAME.sub(own, code) + hash_ + comment)
-    return lines
+    def __init__(self, i: int, names: Mapping[str, Any]) -> None:
+        self.i = i
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        value = self.names.get(node.id)
+        if type(value) in (int, float) and isinstance(node.ctx, ast.Load):
+            return ast.copy_location(ast.Constant(value), node)
+        if node.id not in _LAYER_NAMES:
+            node.id = f"{node.id}_{self.i}"
+        return node
+
+
+def _lines(inline: Inline, source: str, i: int, pad: str) -> list[str]:
+    """An Inline's lines for guard `i`, its own names renamed, indented by `pad`."""
+    tree = _GuardsOwn(i, inline.names).visit(ast.parse(textwrap.dedent(source)))
+    return [pad + line for line in ast.unparse(tree).splitlines()]
 
 
 def fused_layer(call: Call) -> FusedLayer | None:

@@ -90,9 +90,9 @@ class Guard(Policy, Protocol):
 class Inline:
     """A guard's common case as source for a fused layer (policies.fused).
 
-    The lines are Python statements, with no strings in them. They share the
-    layer's `ctx`, `now`, `task` and `outcome`; every other name in them is the
-    guard's own (the layer renames them apart from other guards'): `token`,
+    The lines are Python statements. They share the layer's `ctx`, `now`,
+    `task`, `outcome`, `error` and the builtins; every other name in them is
+    the guard's own (the layer renames them apart from other guards'): `token`,
     `enter`, `exit` and `guard` (the guard's methods and the guard itself), the
     names in `names`, and any local they assign. `enter` sets `token` to what
     `enter(ctx, now, task)` would return (unless the guard neither defers nor

@@ -74,7 +74,7 @@ class TimeoutPolicy:
     def _narrow(self) -> str:
         """`enter`'s first half as source: sets `outer` and `deadline`, and narrows `ctx.deadline`.
 
-        (`duration` is a name, not a literal: `repr` of a number is not always one, e.g. `inf`.)
+        (`duration` is a name, which the layer turns into the number: `repr` would not spell `inf`.)
         """
         return textwrap.dedent("""
             outer = ctx.deadline

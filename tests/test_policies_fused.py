@@ -264,7 +264,7 @@ async def test_a_covered_timeout_still_cuts_off_a_deferring_guards_wait() -> Non
     chain = compose([TimeoutPolicy(0.5, clock=clock), Pause(clock), TimeoutPolicy(0.1, clock=clock)],
                     ScriptedUpstream(clock, 200))
     layer = fused_layer(chain)
-    assert layer is not None and len(layer.guards) == 3 and "within0" in layer.source
+    assert layer is not None and len(layer.guards) == 3 and "within_0" in layer.source
     with pytest.raises(TimedOut, match="500ms"):
         await chain(make_ctx())
     assert clock.now() == pytest.approx(1000.5)
@@ -291,7 +291,7 @@ def test_a_fallback_between_two_timeouts_keeps_the_outer_ones_timer() -> None:
     chain = compose([TimeoutPolicy(3.0, clock=clock), FallbackPolicy(on=["timeout"]), TimeoutPolicy(1.0, clock=clock)],
                     ScriptedUpstream(clock))
     layer = fused_layer(chain)
-    assert layer is not None and "within" not in layer.source and "queue0._arm" in layer.source
+    assert layer is not None and "within" not in layer.source and "queue_0._arm" in layer.source
 
 
 class SlowToUnwind:
