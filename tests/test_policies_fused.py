@@ -380,3 +380,39 @@ def test_a_timeout_kept_across_event_loops_still_fires_after_a_covered_call() ->
 
     asyncio.run(first_loop())
     asyncio.run(second_loop())
+
+
+def test_the_full_chain_matches_nested_layers_on_the_real_clock() -> None:
+    # the event loop's timers rather than FakeClock's (the generated lines have a branch for each)
+    async def play_real(fuse: bool) -> list[Any]:
+        log = EventLog()
+        steps = iter([Hang(5.0), 503, Hang(5.0), Hang(5.0), 200])
+
+        async def upstream(ctx: RequestContext) -> Outcome:
+            ctx.attempts += 1
+            step = next(steps)
+            if isinstance(step, Hang):
+                await asyncio.sleep(step.seconds)
+                return Outcome(200, {})
+            return Outcome(step, {})  # type: ignore[arg-type]
+
+        made: list[Policy] = [
+            TimeoutPolicy(1.0), RetryPolicy(attempts=3, on=["timeout", "5xx"], rng=lambda: 0.0),
+            CircuitBreakerPolicy(BreakerStateMachine(consecutive_failures=5)), TimeoutPolicy(0.05),
+        ]
+        chain = compose(made, upstream) if fuse else nested(made, upstream)
+        seen: list[Any] = []
+        for _ in range(2):
+            ctx = make_ctx(bus=log.bus)
+            ctx.task = asyncio.current_task()
+            try:
+                seen.append((await chain(ctx)).status)
+            except FenderError as exc:
+                seen.append(exc.message)
+            seen.append((ctx.attempts, ctx.deadline))
+        return [*seen, log.events]
+
+    fused = asyncio.run(play_real(True))
+    assert fused == asyncio.run(play_real(False))
+    # first request: cut at 50 ms, a 503, cut again; second: cut, then the 200
+    assert fused[:4] == ["no response within 50ms", (3, None), 200, (2, None)]
