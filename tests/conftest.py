@@ -102,3 +102,14 @@ async def start_fender(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture(name="env")
+async def saga_env(tmp_path: Path) -> AsyncIterator[Any]:
+    """A saga service on a scripted participant (tests.test_saga_coordinator.Env), started."""
+    from tests.test_saga_coordinator import Env  # (a test module: imported only when asked for)
+
+    env = Env(tmp_path)
+    await env.service.start()
+    yield env
+    await env.service.stop()

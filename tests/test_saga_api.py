@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from config.saga_models import SagaTemplateModel
@@ -18,17 +15,11 @@ from tests.test_saga_coordinator import Env, reply, saga_body
 
 
 @pytest.fixture
-async def api(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[tuple[TestClient, Env]]:
-    env = Env(tmp_path)
+async def api(env: Env, aiohttp_client: Any) -> tuple[TestClient, Env]:
     env.templates["place-order"] = SagaTemplateModel.model_validate(
         {"steps": saga_body()["steps"], "deadline": "1m"}
     )
-    await env.service.start()
-    app = web.Application()
-    app.add_routes(env.service.routes())
-    client = await aiohttp_client(app)
-    yield client, env
-    await env.service.stop()
+    return await env.client(aiohttp_client), env
 
 
 async def test_create_answers_202_with_location_and_the_record(api: tuple[TestClient, Env]) -> None:

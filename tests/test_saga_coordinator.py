@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from config.saga_models import SagaTemplateModel
 from policies.errors import CircuitOpen, UpstreamReset, UpstreamUnavailable
@@ -112,13 +114,14 @@ class Env:
         assert current is not None
         return current.record()
 
+    async def client(self, aiohttp_client: Any) -> TestClient:
+        """The saga API of this service, over HTTP (pytest-aiohttp's `aiohttp_client`)."""
+        app = web.Application()
+        app.add_routes(self.service.routes())
+        return await aiohttp_client(app)  # type: ignore[no-any-return]
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path)
-    await e.service.start()
-    yield e
-    await e.service.stop()
+
+# the `env` fixture (an Env, started) is in tests/conftest.py, for every saga test module
 
 
 async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:

@@ -10,11 +10,9 @@ import base64
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from saga.coordinator import SagaConflict
@@ -26,22 +24,8 @@ from tests.test_saga_postgres import DSN, a_saga
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path)
-    await e.service.start()
-    yield e
-    await e.service.stop()
-
-
-@pytest.fixture
-async def api(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[tuple[TestClient, Env]]:
-    env = Env(tmp_path)
-    await env.service.start()
-    app = web.Application()
-    app.add_routes(env.service.routes())
-    client = await aiohttp_client(app)
-    yield client, env
-    await env.service.stop()
+async def api(env: Env, aiohttp_client: Any) -> tuple[TestClient, Env]:
+    return await env.client(aiohttp_client), env
 
 
 async def _parked(client: TestClient, env: Env, saga_id: str) -> None:
