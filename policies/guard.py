@@ -99,7 +99,8 @@ class Inline:
     settles: then nothing reads it); `exit`, given `outcome`, sets `outcome` to
     what `exit(ctx, token, now, outcome)` would return; `exit_error`, given
     `error`, raises what goes on out or sets `outcome`, as `exit_error` would.
-    An empty string leaves that step to the method.
+    An empty string leaves that step to the method. A name in `names` for an
+    int or a float is written into the lines as that number.
     """
 
     enter: str = ""
@@ -125,7 +126,10 @@ class Coverable(Protocol):
     `within` (a retry's next attempts, a deferring guard's own layer). That
     holds only if no guard in between can answer for the shorter one's
     error (`recovers`): were the loop late past both deadlines, the answer
-    would stand where this timeout would have failed the call.
+    would stand where this timeout would have failed the call. One difference
+    remains: a call slow to unwind once the shorter one cancelled it is not
+    cut short at this one's deadline, though it still fails with this one's
+    error (TimeoutPolicy.overran).
     """
 
     duration: float
