@@ -91,10 +91,11 @@ class TimeoutPolicy:
                       exit_error="guard.overran(ctx, deadline, outer, error)")
 
     def overran(self, ctx: RequestContext, deadline: float, outer: float | None, error: BaseException) -> NoReturn:
-        """A covered timeout's `exit_error`: `error` goes on out, unless it is the shorter timeout's
+        """A covered timeout's `exit_error`: `error` goes on out, or this one's own TimedOut.
 
-        and this one's time is up too (the loop ran late past both deadlines, or the call took
-        long to unwind): as a layer of its own, this one would have cut the call off first.
+        Its own when `error` is the shorter timeout's and this one's time is up too (the loop
+        ran late past both deadlines, or the call took long to unwind): as a layer of its own,
+        this one would have cut the call off first.
         """
         ctx.deadline = outer
         # (a TimedOut with this one's message is this one's own, from `within`)
