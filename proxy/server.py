@@ -455,6 +455,15 @@ class ServerConnection(ProxyProtocol):
     def idle(self) -> bool:
         return not self._queue and (self._task is None or self._waiter is not None)
 
+    @property
+    def body_stalled(self) -> bool:
+        """A request body begun and not finished while Fender would read more: the client stopped sending.
+
+        (While reading is paused the upstream is the slow side: its own timeouts apply.)
+        """
+        body = self._body
+        return body is not None and not body.is_eof() and not self._reading_paused
+
 
 def _send_and_close(conn: ServerConnection, response: web.Response) -> None:
     transport = conn.transport
@@ -496,12 +505,13 @@ class ProxyListener:
         return port
 
     def _sweep(self) -> None:
-        # one timer for all connections: close those idle past the keep-alive timeout, and those
-        # whose client has read nothing of a response for as long
+        # one timer for all connections: close those idle past the keep-alive timeout, those
+        # whose client has read nothing of a response for as long, and those whose client has
+        # sent nothing of a request body it began (which would hold an upstream connection too)
         loop = asyncio.get_running_loop()
         limit = loop.time() - self.keepalive_timeout
         for conn in list(self.connections):
-            if conn.last_active < limit and (conn.idle or conn.writing_paused):
+            if conn.last_active < limit and (conn.idle or conn.writing_paused or conn.body_stalled):
                 # a client that reads nothing would keep a closing transport's buffer forever
                 transport = conn.transport
                 conn._close(abort=transport is not None and transport.get_write_buffer_size() > 0)

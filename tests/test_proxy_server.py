@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -14,6 +15,8 @@ from proxy.server import encode_head
 async def upstream(aiohttp_server):
     async def answer(request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if request.path == "/slow":
+            await asyncio.sleep(0.6)  # longer than the keep-alive timeout the stall test sets
         if request.path == "/stream":
             response = web.StreamResponse()  # no length: chunked upstream
             await response.prepare(request)
@@ -145,6 +148,26 @@ async def test_idle_keep_alive_connections_are_closed(upstream, start_fender, mo
     async with asyncio.timeout(3):
         assert await reader.read() == b""  # closed by Fender, not by the test
     writer.close()
+
+
+async def test_a_request_body_that_stops_coming_is_given_up(upstream, start_fender, monkeypatch):
+    import proxy.server as server
+
+    monkeypatch.setattr(server, "_SWEEP_EVERY", 0.05)
+    fender = await start_fender(f"routes: [{{name: up, upstream: 'http://127.0.0.1:{upstream.port}'}}]")
+    fender.app._proxy.keepalive_timeout = 0.3
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    async with asyncio.timeout(3):
+        await reader.read()  # the connection is cut: the request and its upstream call are abandoned
+    assert fender.app.inflight.count == 0
+    writer.close()
+    # a body sent in full is not cut, however long the upstream then takes
+    async with aiohttp.ClientSession() as http, http.post(
+        f"http://127.0.0.1:{fender.app.addresses['proxy'][1]}/slow", data=b"y" * 10, headers={"Host": "x"},
+    ) as resp:
+        assert resp.status == 200 and await resp.text() == "POST /slow 10"
 
 
 def test_a_header_value_with_a_line_break_is_never_written():
