@@ -147,19 +147,15 @@ class RetryPolicy:
         return Resume(lambda inner: self._retry(inner, ctx, 1, reason, delay))
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
-        if not self.enter(ctx, self.clock.now(), None):
-            return await call(ctx)
+        retrying = self.enter(ctx, self.clock.now(), None)
+        result: Outcome | Resume
         try:
             outcome = await call(ctx)
-        except FenderError as exc:
-            retry = self._after_error(ctx, exc, 1)
-            if retry is None:
-                raise
+        except BaseException as error:
+            result = self.exit_error(ctx, retrying, 0.0, error)
         else:
-            retry = self._after_outcome(ctx, outcome, 1)
-            if retry is None:
-                return outcome
-        return await self._retry(call, ctx, 1, *retry)
+            result = self.exit(ctx, retrying, 0.0, outcome)
+        return await result.run(call) if isinstance(result, Resume) else result
 
     async def _retry(self, call: Call, ctx: RequestContext, attempt: int, reason: str, delay: float) -> Outcome:
         """The attempts after `attempt`, the next one for `reason` after `delay`."""
