@@ -215,19 +215,25 @@ class ConnectionPool:
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._all: set[UpstreamConnection] = set()
 
-    async def acquire(self) -> UpstreamConnection:
+    def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
             if conn.usable:
                 conn.reused = True
                 return conn
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
         if self._open < self.limit:
             return await self._connect()
         waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            conn = await waiter  # type: ignore[assignment]
+            conn = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 handed = waiter.result()
@@ -309,7 +315,9 @@ class ConnectionPool:
         headers: Mapping[str, str],
         body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
     ) -> UpstreamResponse:
-        conn = await self.acquire()
+        conn = self._take_idle()  # the common case, without a coroutine for `acquire`
+        if conn is None:
+            conn = await self.acquire()
         try:
             return await self._exchange(conn, method, path_qs, headers, body)
         except ResponseFailed:
@@ -332,25 +340,29 @@ class ConnectionPool:
         if transport is None:
             raise ResponseFailed("the upstream closed the connection")
         waiter = conn.expect_response(method)
-        lines = [f"{method} {path_qs} HTTP/1.1\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()
-                  if name != "Content-Length" and name != "content-length"]
+        lines = [f"{method} {path_qs} HTTP/1.1"]
+        # the fields joined in C (see `encode_head`); the framing is ours, whatever the caller's
+        # Content-Length said, in any case
+        if "content-length" in headers:
+            lines += [": ".join(field) for field in headers.items() if field[0].lower() != "content-length"]
+        else:
+            lines += map(": ".join, headers.items())
         try:
             if body is None:
                 if method in _BODY_METHODS:
-                    lines.append("Content-Length: 0\r\n")
+                    lines.append("Content-Length: 0")
                 lines.append("\r\n")
-                transport.write("".join(lines).encode("utf-8", "surrogateescape"))
+                transport.write("\r\n".join(lines).encode("utf-8", "surrogateescape"))
             elif isinstance(body, bytes | bytearray):
                 lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-                transport.write("".join(lines).encode("utf-8", "surrogateescape") + body)
+                transport.write("\r\n".join(lines).encode("utf-8", "surrogateescape") + body)
             else:
                 length = headers.get("content-length")
                 if length is not None:
                     lines.append(f"Content-Length: {length}\r\n\r\n")
                 else:
                     lines.append("Transfer-Encoding: chunked\r\n\r\n")
-                transport.write("".join(lines).encode("utf-8", "surrogateescape"))
+                transport.write("\r\n".join(lines).encode("utf-8", "surrogateescape"))
                 try:
                     await _send_stream(conn, body, waiter, chunked=length is None)
                 except Exception:

@@ -80,90 +80,90 @@ class ProxyHandler:
         self.inflight = inflight or InflightTracker()
 
     async def __call__(self, request: Exchange) -> None:
-        self.inflight.enter()
+        # (one coroutine, not a wrapper around another: each level costs every request
+        # a frame, and every resumption of it)
+        inflight = self.inflight
+        inflight.enter()
         try:
-            await self._handle(request)
-        finally:
-            self.inflight.leave()
+            timer = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
+            method = request.method
+            path = request.path
+            headers = request.headers
+            if method == "CONNECT":
+                return self._unrouted(request, error_response(
+                    "method_not_allowed", _CONNECT_MESSAGE, status=405,
+                    headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"},
+                ), "method_not_allowed", path, timer)
+            route = self.holder.current.router.match(normalize_host(request.host), path, method, headers)
+            if route is None:
+                return self._unrouted(
+                    request, error_response("no_route", f"no route matches {method} {request.host}{path}"),
+                    "no_route", path, timer,
+                )
+            if route.strip:
+                path = path[route.strip:] or "/"
+                if not path.startswith("/"):
+                    path = "/" + path
+            query = request.query_string
+            path_qs = f"{path}?{query}" if query else path
 
-    async def _handle(self, request: Exchange) -> None:
-        timer = perf_counter()  # uvloop's loop.time() ticks in whole milliseconds
-        method = request.method
-        path = request.path
-        headers = request.headers
-        if method == "CONNECT":
-            return self._unrouted(request, error_response(
-                "method_not_allowed", _CONNECT_MESSAGE, status=405,
-                headers={"allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"},
-            ), "method_not_allowed", path, timer)
-        route = self.holder.current.router.match(normalize_host(request.host), path, method, headers)
-        if route is None:
-            return self._unrouted(
-                request, error_response("no_route", f"no route matches {method} {request.host}{path}"),
-                "no_route", path, timer,
-            )
-        if route.strip:
-            path = path[route.strip:] or "/"
-            if not path.startswith("/"):
-                path = "/" + path
-        query = request.query_string
-        path_qs = f"{path}?{query}" if query else path
+            fwd = forward_headers(headers, drop_host=route.host_header is not None)
+            if route.host_header is not None:
+                fwd["Host"] = route.host_header
+            if "x-request-id" not in fwd:
+                # an id, not a secret: no getrandom() syscall per request
+                fwd["x-request-id"] = getrandbits(128).to_bytes(16, "big").hex()  # (cheaper than format())
+            fwd.popall("expect", None)
 
-        fwd = forward_headers(headers, drop_host=route.host_header is not None)
-        if route.host_header is not None:
-            fwd["Host"] = route.host_header
-        if "x-request-id" not in fwd:
-            # an id, not a secret: no getrandom() syscall per request
-            fwd["x-request-id"] = f"{getrandbits(128):032x}"
-        fwd.popall("expect", None)
-
-        ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus,
-                             task=request.task)
-        try:
-            body = await self._request_body(request, route, ctx)
-        except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
-            # the body broke off or was malformed while being buffered for replay: nothing was sent
-            return self._unrouted(request, _unreadable_body(exc, route.name, 0), "bad_request", path, timer,
-                                  route=route.name)
-        except asyncio.CancelledError:  # the client left while its body was being read
-            self._record(method, headers, request.remote, route.name, path, 499, "client_abort",
-                         perf_counter() - timer)
-            raise
-        ctx.request = OutboundRequest(method, path_qs, fwd, body)
-        observer = self.observer
-        observer.request_started(ctx, headers)
-
-        status = 500
-        outcome_kind = "success"
-        try:
+            ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus,
+                                 task=request.task)
             try:
-                outcome = await route.call(ctx)
-            except FenderError as exc:
-                outcome_kind = exc.kind
-                response = rejection_response(exc, route.name, ctx.attempts)
-                status = response.status
-                request.respond_with(response)
-                return
+                body = await self._request_body(request, route, ctx)
             except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
-                # a streamed request body broke off or was malformed (say a bad chunk) mid-call
-                outcome_kind = "bad_request"
-                status = 400
-                request.respond_with(_unreadable_body(exc, route.name, ctx.attempts))
-                return
-            status = outcome.status
-            if outcome.body is not None:
-                outcome_kind = "fallback"
-                self._static(request, outcome, route, ctx)
-                return
-            if status >= 500:
-                outcome_kind = "upstream_error"
-            status, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, timer)
-        except asyncio.CancelledError:
-            outcome_kind = "client_abort"
-            status = 499
-            raise
+                # the body broke off or was malformed while being buffered for replay: nothing was sent
+                return self._unrouted(request, _unreadable_body(exc, route.name, 0), "bad_request", path, timer,
+                                      route=route.name)
+            except asyncio.CancelledError:  # the client left while its body was being read
+                self._record(method, headers, request.remote, route.name, path, 499, "client_abort",
+                             perf_counter() - timer)
+                raise
+            ctx.request = OutboundRequest(method, path_qs, fwd, body)
+            observer = self.observer
+            observer.request_started(ctx, headers)
+
+            status = 500
+            outcome_kind = "success"
+            try:
+                try:
+                    outcome = await route.call(ctx)
+                except FenderError as exc:
+                    outcome_kind = exc.kind
+                    response = rejection_response(exc, route.name, ctx.attempts)
+                    status = response.status
+                    request.respond_with(response)
+                    return
+                except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
+                    # a streamed request body broke off or was malformed (say a bad chunk) mid-call
+                    outcome_kind = "bad_request"
+                    status = 400
+                    request.respond_with(_unreadable_body(exc, route.name, ctx.attempts))
+                    return
+                status = outcome.status
+                if outcome.body is not None:
+                    outcome_kind = "fallback"
+                    self._static(request, outcome, route, ctx)
+                    return
+                if status >= 500:
+                    outcome_kind = "upstream_error"
+                status, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, timer)
+            except asyncio.CancelledError:
+                outcome_kind = "client_abort"
+                status = 499
+                raise
+            finally:
+                observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
         finally:
-            observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
+            inflight.leave()
 
     def refused(self, remote: str | None, status: int) -> None:
         """A request the HTTP parser refused (400): counted and logged, never forwarded."""

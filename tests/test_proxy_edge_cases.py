@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from bench.procs import free_port
 from proxy.h1client import ConnectionPool
@@ -195,3 +196,30 @@ async def test_stray_bytes_on_an_idle_connection_retire_it(start_fender, http):
         assert await resp.text() == "first"  # from a fresh connection
     assert connections == 2
     server.close()
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "content-length", "CONTENT-length"])
+async def test_the_callers_content_length_in_any_case_gives_way_to_the_body_sent(name):
+    # (a saga step's headers are the user's: their Content-Length may be stale, in any case)
+    heads: list[bytes] = []
+
+    async def script(reader, writer, head):
+        heads.append(head)
+        body = await reader.readexactly(len(b"hello"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    server, port = await raw_upstream(script)
+    pool = ConnectionPool("127.0.0.1", port, ssl_context=None, server_hostname=None, connect_timeout=1, limit=1)
+    try:
+        headers = CIMultiDict({"Host": "up", name: "999", "X-Other": "kept"})
+        response = await pool.request("POST", "/x", headers, b"hello")
+        assert await response.read() == b"hello"
+        response.release()
+        fields = heads[0].lower().split(b"\r\n")
+        assert [f for f in fields if f.startswith(b"content-length")] == [b"content-length: 5"]
+        assert b"x-other: kept" in fields
+        assert heads[0].startswith(b"POST /x HTTP/1.1\r\n") and heads[0].endswith(b"\r\n\r\n")
+    finally:
+        await pool.close()
+        server.close()
