@@ -54,6 +54,15 @@ def to_markdown(result: dict[str, Any]) -> str:
         mark = {True: "met", False: "missed", None: "n/a"}[goal["met"]]
         value = "n/a" if goal["value"] is None else goal["value"]
         lines.append(f"| {goal['goal']} | {value} | {mark} |")
+    conc = meta["concurrency"][0] if meta["concurrency"] else 1
+    added = result.get("ratios", {}).get(f"added_p50_us_at_c{conc}", {})
+    if added:
+        over = result["ratios"].get(f"added_p50_over_floor_us_at_c{conc}", {})
+        shown = ", ".join(f"{target} {fmt_us(value)}" for target, value in added.items() if value is not None)
+        lines += ["", f"p50 added over the upstream at c={conc}: {shown}."]
+        if any(value is not None for value in over.values()):
+            mine = ", ".join(f"{target} {fmt_us(value)}" for target, value in over.items() if value is not None)
+            lines.append(f"Beyond the relay floor (Fender's own work): {mine}.")
     saga = result.get("saga", {})
     lines.append("")
     if saga.get("available"):

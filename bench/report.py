@@ -120,6 +120,13 @@ def ratios(summary: dict[str, dict[int, Summary]], concurrencies: list[int],
         own = p50(target, low)
         added[target] = None if direct is None or own is None else round(own - direct, 1)
     out[f"added_p50_us_at_c{low}"] = added
+    # what is left once the floor (two more hops through a Python loop, no HTTP) is taken
+    # away: Fender's own work, apart from what the machine charges every Python proxy
+    floor = added.get("relay-floor")
+    out[f"added_p50_over_floor_us_at_c{low}"] = {
+        target: None if floor is None or added.get(target) is None else round(added[target] - floor, 1)
+        for target in ("fender-empty", "fender-full") if target in added
+    }
     return out
 
 

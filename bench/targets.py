@@ -113,6 +113,12 @@ def _reference(ws: Workspace, port: int) -> Managed:
                          cwd=Path(__file__).resolve().parent.parent)
 
 
+def _relay(ws: Workspace, port: int) -> Managed:
+    args = [sys.executable, "-m", "bench.ref_relay", str(port), str(ws.upstream_port)]
+    return Managed.start("relay-floor", args, ws.workdir / "relay-floor.log",
+                         cwd=Path(__file__).resolve().parent.parent)
+
+
 def fender_config(ws: Workspace) -> Path:
     path = ws.workdir / "fender.yaml"
     if not path.exists():
@@ -170,6 +176,8 @@ def all_targets(fender_workers: int = 0) -> list[Target]:
     targets += [
         Target("aiohttp-ref", "bare aiohttp + ClientSession pass-through, uvloop", "ref",
                _reference, group="reference"),
+        Target("relay-floor", "uvloop byte relay, no HTTP: the floor of a Python proxy", "relay",
+               _relay, group="reference"),
         Target("envoy", "Envoy --concurrency 1: rate limit, timeout, retry, breaker, outlier",
                "envoy", _envoy, needs=("envoy",)),
         Target("traefik", "Traefik (GOMAXPROCS=1): rateLimit, retry, circuitBreaker", "traefik",

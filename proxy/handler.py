@@ -238,7 +238,9 @@ class ProxyHandler:
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
             try:
-                if budget is None or content.is_eof():
+                if content.is_eof():
+                    body = content.read_nowait()  # the body came with the head: no coroutine to read it
+                elif budget is None:
                     body = await upstream.read()
                 else:
                     async with asyncio.timeout_at(_body_deadline(request, budget, timer)):

@@ -68,6 +68,7 @@ def _cells() -> list[Cell]:
         "fender-full": (8000, 170.0, 19500),
         "aiohttp-ref": (4000, 240.0, 9000),
         "envoy": (4000, 235.0, 22000),
+        "relay-floor": (15000, 80.0, 60000),
     }
     cells = []
     for target, (rps1, p50, rps32) in data.items():
@@ -96,6 +97,15 @@ def test_ratios_against_the_references_of_the_same_run() -> None:
     assert r["full_over_empty_cpu_per_req"][32] == pytest.approx(20000 / 19500, abs=1e-3)
     assert r["full_over_empty_cpu_per_req"][1] is None  # no CPU figure at c=1 in these cells
     assert "upstream" not in r["added_p50_us_at_c1"]
+    # Fender's own share: what it adds beyond the byte relay's 30 us
+    assert r["added_p50_over_floor_us_at_c1"] == {"fender-empty": pytest.approx(70.0),
+                                                  "fender-full": pytest.approx(90.0)}
+
+
+def test_no_floor_measured_means_no_share_given() -> None:
+    cells = [c for c in _cells() if c.target != "relay-floor"]
+    r = ratios(summarize(cells), [1, 32])
+    assert r["added_p50_over_floor_us_at_c1"] == {"fender-empty": None, "fender-full": None}
 
 
 def test_goals_say_met_missed_or_not_measured() -> None:
