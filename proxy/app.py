@@ -98,6 +98,9 @@ class FenderApp:
         self._proxy: ProxyListener | None = None
         self.addresses: dict[str, tuple[str, int]] = {}
         self.services: list[Any] = []  # objects with async start()/stop(), e.g. the saga service
+        # services of every worker of `--workers N` (the ones above run where the admin API is);
+        # stopped once the proxy listener has drained, so they see every request
+        self.worker_services: list[Any] = []
         if redis_store is not None:
             self.services.append(redis_store)  # stopped last: closes the Redis connections
         self.admin_routes: list[web.RouteDef] = []
@@ -213,6 +216,8 @@ class FenderApp:
         if self.settings.admin_addr != "":
             for service in self.services:
                 await service.start()
+        for service in self.worker_services:
+            await service.start()
         drain = self.settings.drain_timeout
         handler = self.proxy_handler()
         listener = ProxyListener(handler, on_refused=handler.refused)
@@ -274,6 +279,9 @@ class FenderApp:
         if self._proxy is not None:
             await self._proxy.close(0.5 if self.draining else self.settings.drain_timeout)
             self._proxy = None
+        for service in reversed(self.worker_services):
+            await service.stop()
+        self.worker_services.clear()  # (stop() runs again after a failed start)
         for name in ("admin", "metrics"):
             runner = self._runners.pop(name, None)
             if runner is not None:

@@ -4,22 +4,43 @@ Worker 0 also serves the admin and metrics listeners and the saga coordinator, s
 there is one journal driver and one place to reload from the API; the parent
 forwards SIGTERM/SIGINT/SIGHUP to every worker. Policy state is per worker: a
 local token bucket of `rate: 100/s` admits up to N x 100/s in total; use
-`backend: redis` for a limit that holds across workers (and replicas).
+`backend: redis` for a limit that holds across workers (and replicas). Worker 0's
+/metrics counts every worker's requests (`proxy/telemetry/peers.py`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 from config.settings import Settings
 
-__all__ = ["run_workers"]
+__all__ = ["WORKERS_DIR_ENV", "run_workers"]
+
+WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # where workers 1..N-1 leave their metrics for worker 0
 
 
 def run_workers(settings: Settings) -> int:
     """Fork the workers and watch them: the first one to exit stops them all."""
+    # where workers 1..N-1 leave their metrics for worker 0's /metrics (proxy/telemetry/peers.py)
+    shared = Path(settings.data_dir) / f"workers-{os.getpid()}"
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"fender: cannot create {shared} ({exc.strerror or exc}): /metrics will count "
+              "worker 0's requests only", file=sys.stderr)
+    else:
+        os.environ[WORKERS_DIR_ENV] = str(shared)
+    try:
+        return _supervise(settings)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _supervise(settings: Settings) -> int:
     children: dict[int, int] = {}
     stopping = False
 

@@ -11,11 +11,14 @@ observer is left on `app.saga_observer` for the saga wiring to pick up.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from proxy.telemetry.access_log import AccessLog, stdout_writer
 from proxy.telemetry.metrics import FenderMetrics, breaker_states
 from proxy.telemetry.observer import SagaTelemetry, TelemetryObserver
+from proxy.telemetry.peers import WORKERS_DIR_ENV, SnapshotWriter, read_peers
 from proxy.telemetry.tracing import Tracing
 
 __all__ = ["Telemetry", "install"]
@@ -68,6 +71,7 @@ def install(app: Any, *, access_log_write: Any = None) -> Telemetry:
         return breaker_states(app.holder.current.routes) if app.holder is not None else ()
 
     metrics.add_live_state(config_hash, breakers)
+    _share_between_workers(app, metrics)
     app.reload_listeners.append(lambda result: metrics.config_reloaded(result.ok))
     app.metrics_text = metrics.render
     app.set_observer(telemetry.observer)
@@ -76,3 +80,15 @@ def install(app: Any, *, access_log_write: Any = None) -> Telemetry:
     app.telemetry = telemetry
     app.saga_observer = telemetry.saga_observer  # read by the saga wiring
     return telemetry
+
+
+def _share_between_workers(app: Any, metrics: FenderMetrics) -> None:
+    """With `--workers N`: worker 0's /metrics adds the other workers' numbers (`peers`)."""
+    directory = os.environ.get(WORKERS_DIR_ENV)
+    if not directory or app.settings.workers < 2:
+        return
+    index = int(os.environ.get("FENDER_WORKER_INDEX", "0"))
+    if index == 0:
+        metrics.add_peers(lambda: read_peers(Path(directory), 0))
+    else:
+        app.worker_services.append(SnapshotWriter(metrics, Path(directory), index))

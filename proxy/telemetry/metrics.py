@@ -144,6 +144,7 @@ class FenderMetrics:
         self._steps: dict[str, _Histogram] = {}
         self._config_hash: Callable[[], str | None] = lambda: None
         self._breakers: Callable[[], Iterable[tuple[str, str, str]]] = lambda: ()
+        self._peers: Callable[[], list[dict[str, Any]]] = list
         self.registry.register(_Exposition(self))
 
     @property
@@ -222,48 +223,107 @@ class FenderMetrics:
         self._config_hash = config_hash
         self._breakers = breakers
 
+    def add_peers(self, read: Callable[[], list[dict[str, Any]]]) -> None:
+        """Other workers' `snapshot()`s, read at scrape time and added to this one's numbers."""
+        self._peers = read
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE
 
+    def snapshot(self) -> dict[str, Any]:
+        """This process's data-plane numbers as JSON values, for the worker that serves /metrics.
+
+        (Sagas and the config hash are left out: only worker 0 drives sagas and serves the admin API.)
+        """
+        return {
+            "requests": [[*key, count] for key, count in self._requests.items()],
+            "attempts": [[*key, count] for key, count in self._attempts.items()],
+            "events": [[*key, count] for key, count in self._events.items()],
+            "inflight": dict(self._inflight),
+            "durations": {route: [h.counts, h.sum] for route, h in self._durations.items()},
+            "reloads": dict(self._reloads),
+            "breakers": [list(row) for row in self._breakers()],
+        }
+
     def families(self) -> Iterator[Metric]:
         out = {name: _family(name) for name in METRICS}
+        snapshots = [self.snapshot(), *self._peers()]
 
+        # counters and the in-flight gauge add up over workers (a malformed snapshot must not
+        # fail the scrape: what it held is left out from where it went wrong)
         requests: dict[tuple[str, str, str, str], int] = {}
-        for (route, method, status, outcome), count in self._requests.items():
-            labels = (route, normalize_method(method), str(status), outcome)
-            requests[labels] = requests.get(labels, 0) + count
+        attempts: dict[tuple[str, str], int] = {}
+        events: dict[tuple[str, ...], int] = {}
+        inflight: dict[str, int] = {}
+        durations: dict[str, _Histogram] = {}
+        reloads: dict[str, int] = {}
+        breakers: dict[tuple[str, str], int] = {}
+        for snap in snapshots:
+            try:
+                _merge(snap, requests, attempts, events, inflight, durations, reloads, breakers)
+            except (KeyError, TypeError, ValueError):
+                continue
         for labels, count in requests.items():
             out["fender_requests_total"].add_metric(labels, count)
-
-        attempts: dict[tuple[str, str], int] = {}
-        for (route, result), count in self._attempts.items():
-            labels2 = (route, attempt_result(result, None) if isinstance(result, int) else result)
-            attempts[labels2] = attempts.get(labels2, 0) + count
         for labels2, count in attempts.items():
             out["fender_upstream_attempts_total"].add_metric(labels2, count)
-
-        for (name, *event_labels), count in self._events.items():
+        for (name, *event_labels), count in events.items():
             out[name].add_metric(event_labels, count)
-        for route, value in self._inflight.items():
+        for route, value in inflight.items():
             out["fender_inflight_requests"].add_metric((route,), value)
-        for route, histogram in self._durations.items():
+        for route, histogram in durations.items():
             _observe(out["fender_request_duration_seconds"], (route,), histogram)
-        for result, count in self._reloads.items():
+        for result, count in reloads.items():
             out["fender_config_reloads_total"].add_metric((result,), count)
         current = self._config_hash()
         if current is not None:
             out["fender_config_info"].add_metric((current,), 1)
-        seen: set[tuple[str, str]] = set()
-        for route, policy, state in self._breakers():
-            if (route, policy) not in seen:
-                seen.add((route, policy))
-                out["fender_circuit_breaker_state"].add_metric((route, policy), BREAKER_STATE_VALUES.get(state, 0))
+        for (route, policy), value in breakers.items():
+            out["fender_circuit_breaker_state"].add_metric((route, policy), value)
         for saga_status, count in self._sagas.items():
             out["fender_sagas_total"].add_metric((saga_status,), count)
         out["fender_sagas_in_progress"].add_metric((), self._sagas_in_progress)
         for phase, histogram in self._steps.items():
             _observe(out["fender_saga_step_duration_seconds"], (phase,), histogram)
         return iter(out.values())
+
+
+def _merge(
+    snap: dict[str, Any],
+    requests: dict[tuple[str, str, str, str], int],
+    attempts: dict[tuple[str, str], int],
+    events: dict[tuple[str, ...], int],
+    inflight: dict[str, int],
+    durations: dict[str, _Histogram],
+    reloads: dict[str, int],
+    breakers: dict[tuple[str, str], int],
+) -> None:
+    """Add one worker's snapshot to the totals (labels normalised as they are exported)."""
+    for route, method, status, outcome, count in snap["requests"]:
+        labels = (route, normalize_method(method), str(status), outcome)
+        requests[labels] = requests.get(labels, 0) + int(count)
+    for route, result, count in snap["attempts"]:
+        labels2 = (route, attempt_result(result, None) if isinstance(result, int) else str(result))
+        attempts[labels2] = attempts.get(labels2, 0) + int(count)
+    for *key, count in snap["events"]:
+        if key and key[0] in METRICS:
+            events[tuple(key)] = events.get(tuple(key), 0) + int(count)
+    for route, value in snap["inflight"].items():
+        inflight[route] = inflight.get(route, 0) + int(value)
+    for route, (counts, total) in snap["durations"].items():
+        histogram = durations.get(route)
+        if histogram is None:
+            histogram = durations[route] = _Histogram()
+        if len(counts) != len(histogram.counts):
+            raise ValueError("another bucket layout")
+        histogram.counts = [a + int(b) for a, b in zip(histogram.counts, counts, strict=True)]
+        histogram.sum += float(total)
+    for result, count in snap["reloads"].items():
+        reloads[result] = reloads.get(result, 0) + int(count)
+    for route, policy, state in snap["breakers"]:
+        # each worker has its own breaker: the worst state shows (an open breaker anywhere refuses calls)
+        value = BREAKER_STATE_VALUES.get(state, 0)
+        breakers[(route, policy)] = max(breakers.get((route, policy), 0), value)
 
 
 def _family(name: str) -> Any:

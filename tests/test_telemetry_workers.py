@@ -1,0 +1,112 @@
+"""`--workers N`: worker 0's /metrics counts every worker's requests."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from policies.events import RetryScheduled
+from proxy.telemetry.metrics import FenderMetrics
+from proxy.telemetry.observer import SagaTelemetry
+from proxy.telemetry.peers import SnapshotWriter, read_peers
+from tests.support.processes import FenderProcess, Upstream
+from tests.test_telemetry_metrics import samples, value
+
+
+def _served(metrics: FenderMetrics, route: str, status: int, duration: float, times: int = 1) -> None:
+    for _ in range(times):
+        metrics.request_started(route)
+        metrics.attempt_finished(route, status, None)
+        metrics.request_finished(route, "GET", status, "success", duration)
+
+
+def test_the_other_workers_numbers_add_to_worker_0s():
+    zero, one = FenderMetrics(), FenderMetrics()
+    _served(zero, "r", 200, 0.0007, times=2)
+    _served(one, "r", 200, 0.003, times=3)
+    _served(one, "s", 503, 0.2)
+    one.request_started("r")  # in flight on worker 1
+    one.on_event(RetryScheduled(reason="5xx", attempt=2, delay=0.0), "s")
+    one.config_reloaded(True)
+    zero.add_live_state(lambda: "abc", lambda: [("s", "cb", "closed")])
+    one.add_live_state(lambda: "abc", lambda: [("s", "cb", "open")])
+    SagaTelemetry(zero, None).saga_started("x")
+    snapshot = json.loads(json.dumps(one.snapshot()))  # as it travels: a JSON file
+    zero.add_peers(lambda: [snapshot])
+
+    found = samples(zero.render()[0].decode())
+    assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="success") == 5
+    assert value(found, "fender_requests_total", route="s", method="GET", code="503", outcome="success") == 1
+    assert value(found, "fender_upstream_attempts_total", route="r", result="2xx") == 5
+    assert value(found, "fender_retries_total", route="s", reason="5xx") == 1
+    assert value(found, "fender_inflight_requests", route="r") == 1
+    bucket = "fender_request_duration_seconds_bucket"
+    assert value(found, bucket, route="r", le="0.001") == 2
+    assert value(found, bucket, route="r", le="0.005") == 5
+    assert value(found, "fender_request_duration_seconds_count", route="r") == 5
+    assert value(found, "fender_request_duration_seconds_sum", route="r") == pytest.approx(0.0104)
+    assert value(found, "fender_config_reloads_total", result="success") == 1
+    # each worker has its own breaker: the worst state shows
+    assert value(found, "fender_circuit_breaker_state", route="s", policy="cb") == 2
+    assert value(found, "fender_config_info", hash="abc") == 1
+    assert value(found, "fender_sagas_in_progress") == 1  # worker 0's alone: it drives the sagas
+
+
+def test_a_malformed_snapshot_does_not_fail_the_scrape():
+    zero = FenderMetrics()
+    _served(zero, "r", 200, 0.001)
+    zero.add_peers(lambda: [{"requests": "nonsense"}, {"durations": {"r": [[1], 0.1]}}])
+    found = samples(zero.render()[0].decode())
+    assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="success") == 1
+
+
+def test_peers_are_read_from_their_files_but_not_ones_own(tmp_path):
+    (tmp_path / "worker-0.json").write_text(json.dumps({"own": True}))
+    (tmp_path / "worker-1.json").write_text(json.dumps({"peer": 1}))
+    (tmp_path / "worker-2.json").write_text("{not json")
+    (tmp_path / "worker-3.json").write_text("[]")
+    (tmp_path / "worker-4.tmp").write_text(json.dumps({"half": True}))
+    assert read_peers(tmp_path, 0) == [{"peer": 1}]
+    assert read_peers(tmp_path / "gone", 0) == []
+
+
+async def test_a_worker_writes_its_numbers_at_start_and_again_when_it_stops(tmp_path):
+    metrics = FenderMetrics()
+    writer = SnapshotWriter(metrics, tmp_path, 1)
+    await writer.start()
+    assert json.loads((tmp_path / "worker-1.json").read_text())["requests"] == []
+    _served(metrics, "r", 200, 0.001)
+    await writer.stop()
+    assert json.loads((tmp_path / "worker-1.json").read_text())["requests"] == [["r", "GET", 200, "success", 1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["worker-1.json"]
+
+
+def test_fender_with_two_workers_counts_every_request_once(tmp_path):
+    upstream = Upstream()
+    config = tmp_path / "f.yaml"
+    config.write_text(f"routes: [{{name: r, upstream: '{upstream.url}'}}]\n")
+    data = tmp_path / "d"
+    fender = FenderProcess(config, data, FENDER_WORKERS="2")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        time.sleep(0.5)  # (worker 1 may still be starting: it has no readiness of its own)
+        sent = 24
+        for _ in range(sent):
+            # a connection each (urllib's way): the kernel spreads connections over the workers
+            with opener.open(fender.proxy + "/echo", timeout=5) as resp:
+                assert resp.status == 200
+        time.sleep(1.3)  # the other worker's numbers are at most a second old
+        with opener.open(fender.metrics + "/metrics", timeout=5) as resp:
+            found = samples(resp.read().decode())
+        assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="success") == sent
+        assert value(found, "fender_upstream_attempts_total", route="r", result="2xx") == sent
+        shared = list(data.glob("workers-*"))
+        assert len(shared) == 1 and (shared[0] / "worker-1.json").exists()
+    finally:
+        fender.stop()
+        upstream.stop()
+    assert fender.proc.returncode == 0, fender.proc.stderr.read() if fender.proc.stderr else ""
+    assert list(data.glob("workers-*")) == []  # the supervisor cleans up after the run
