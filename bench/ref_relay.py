@@ -51,6 +51,10 @@ class _Client(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        if self.transport is None:  # the client left while we connected
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return
         self.upstream = upstream
         if upstream.transport is not None:
             for data in self.early:

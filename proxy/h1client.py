@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.flow import ProxyProtocol
 from proxy.headers import content_length
@@ -312,9 +312,10 @@ class ConnectionPool:
         self,
         method: str,
         path_qs: str,
-        headers: Mapping[str, str],
+        headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
     ) -> UpstreamResponse:
+        """One exchange; `headers` must ignore case (the framing replaces any Content-Length)."""
         conn = self._take_idle()  # the common case, without a coroutine for `acquire`
         if conn is None:
             conn = await self.acquire()
@@ -333,7 +334,7 @@ class ConnectionPool:
         conn: UpstreamConnection,
         method: str,
         path_qs: str,
-        headers: Mapping[str, str],
+        headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None,
     ) -> UpstreamResponse:
         transport = conn.transport

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from config.settings import Settings
@@ -26,18 +27,22 @@ WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # where workers 1..N-1 leave their metri
 def run_workers(settings: Settings) -> int:
     """Fork the workers and watch them: the first one to exit stops them all."""
     # where workers 1..N-1 leave their metrics for worker 0's /metrics (proxy/telemetry/peers.py)
-    shared = Path(settings.data_dir) / f"workers-{os.getpid()}"
+    # (a new directory each run: in a container the supervisor is always pid 1, and a run
+    # that was killed leaves its files behind, which must not count for this one)
+    shared: str | None = None
     try:
-        shared.mkdir(parents=True, exist_ok=True)
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        shared = tempfile.mkdtemp(prefix="workers-", dir=settings.data_dir)
     except OSError as exc:
-        print(f"fender: cannot create {shared} ({exc.strerror or exc}): /metrics will count "
-              "worker 0's requests only", file=sys.stderr)
+        print(f"fender: cannot create a directory in {settings.data_dir} ({exc.strerror or exc}): "
+              "/metrics will count worker 0's requests only", file=sys.stderr)
     else:
-        os.environ[WORKERS_DIR_ENV] = str(shared)
+        os.environ[WORKERS_DIR_ENV] = shared
     try:
         return _supervise(settings)
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def _supervise(settings: Settings) -> int:

@@ -30,7 +30,8 @@ def test_the_other_workers_numbers_add_to_worker_0s():
     _served(one, "s", 503, 0.2)
     one.request_started("r")  # in flight on worker 1
     one.on_event(RetryScheduled(reason="5xx", attempt=2, delay=0.0), "s")
-    one.config_reloaded(True)
+    zero.config_reloaded(True)
+    one.config_reloaded(True)  # the same reload, in worker 1: every worker gets each reload
     zero.add_live_state(lambda: "abc", lambda: [("s", "cb", "closed")])
     one.add_live_state(lambda: "abc", lambda: [("s", "cb", "open")])
     SagaTelemetry(zero, None).saga_started("x")
@@ -58,19 +59,30 @@ def test_the_other_workers_numbers_add_to_worker_0s():
 def test_a_malformed_snapshot_does_not_fail_the_scrape():
     zero = FenderMetrics()
     _served(zero, "r", 200, 0.001)
-    zero.add_peers(lambda: [{"requests": "nonsense"}, {"durations": {"r": [[1], 0.1]}}])
-    found = samples(zero.render()[0].decode())
+    zero.add_peers(lambda: [
+        {"requests": "nonsense"},
+        {"requests": [], "attempts": [], "events": [], "inflight": []},  # a list where a mapping goes
+        {"requests": [], "attempts": [], "inflight": {}, "durations": {"r": [[1], 0.1]}},
+        # only event families come through `events`: no second series of another family
+        {"requests": [], "attempts": [], "events": [["fender_requests_total", "r", "GET", "200", "success", 5]],
+         "inflight": {}, "durations": {}, "breakers": []},
+    ])
+    text = zero.render()[0].decode()
+    found = samples(text)
     assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="success") == 1
+    assert text.count('fender_requests_total{code="200",method="GET",outcome="success",route="r"}') == 1
 
 
-def test_peers_are_read_from_their_files_but_not_ones_own(tmp_path):
+def test_worker_0_reads_the_files_of_workers_1_to_n_minus_1(tmp_path):
     (tmp_path / "worker-0.json").write_text(json.dumps({"own": True}))
     (tmp_path / "worker-1.json").write_text(json.dumps({"peer": 1}))
     (tmp_path / "worker-2.json").write_text("{not json")
     (tmp_path / "worker-3.json").write_text("[]")
     (tmp_path / "worker-4.tmp").write_text(json.dumps({"half": True}))
-    assert read_peers(tmp_path, 0) == [{"peer": 1}]
-    assert read_peers(tmp_path / "gone", 0) == []
+    (tmp_path / "worker-5.json").write_text(json.dumps({"peer": 5}))
+    (tmp_path / "worker-6.json").write_text(json.dumps({"of a run with more workers": 6}))
+    assert read_peers(tmp_path, 6) == [{"peer": 1}, {"peer": 5}]
+    assert read_peers(tmp_path / "gone", 6) == []
 
 
 async def test_a_worker_writes_its_numbers_at_start_and_again_when_it_stops(tmp_path):
@@ -89,6 +101,11 @@ def test_fender_with_two_workers_counts_every_request_once(tmp_path):
     config = tmp_path / "f.yaml"
     config.write_text(f"routes: [{{name: r, upstream: '{upstream.url}'}}]\n")
     data = tmp_path / "d"
+    stale = data / "workers-1"  # what a killed run left (in a container the supervisor is pid 1)
+    stale.mkdir(parents=True)
+    (stale / "worker-1.json").write_text(json.dumps(
+        {"requests": [["r", "GET", 200, "success", 1000]], "attempts": [], "events": [], "inflight": {"r": 3},
+         "durations": {}, "breakers": []}))
     fender = FenderProcess(config, data, FENDER_WORKERS="2")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -103,10 +120,11 @@ def test_fender_with_two_workers_counts_every_request_once(tmp_path):
             found = samples(resp.read().decode())
         assert value(found, "fender_requests_total", route="r", method="GET", code="200", outcome="success") == sent
         assert value(found, "fender_upstream_attempts_total", route="r", result="2xx") == sent
-        shared = list(data.glob("workers-*"))
+        assert value(found, "fender_inflight_requests", route="r") == 0
+        shared = [d for d in data.glob("workers-*") if d != stale]
         assert len(shared) == 1 and (shared[0] / "worker-1.json").exists()
     finally:
         fender.stop()
         upstream.stop()
     assert fender.proc.returncode == 0, fender.proc.stderr.read() if fender.proc.stderr else ""
-    assert list(data.glob("workers-*")) == []  # the supervisor cleans up after the run
+    assert list(data.glob("workers-*")) == [stale]  # the supervisor cleans up after its own run

@@ -89,6 +89,7 @@ def _share_between_workers(app: Any, metrics: FenderMetrics) -> None:
         return
     index = int(os.environ.get("FENDER_WORKER_INDEX", "0"))
     if index == 0:
-        metrics.add_peers(lambda: read_peers(Path(directory), 0))
+        workers = app.settings.workers
+        metrics.add_peers(lambda: read_peers(Path(directory), workers))
     else:
         app.worker_services.append(SnapshotWriter(metrics, Path(directory), index))

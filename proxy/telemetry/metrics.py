@@ -86,6 +86,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "histogram", "Duration of saga step calls, actions and compensations.", ("phase",)),
 }
 
+# the families `on_event` counts into (keys of `_events` start with one of these)
+_EVENT_FAMILIES = frozenset((
+    "fender_retries_total", "fender_circuit_breaker_transitions_total", "fender_rate_limited_total",
+    "fender_bulkhead_rejected_total", "fender_rate_limit_backend_errors_total",
+    "fender_retry_budget_exhausted_total",
+))
+
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -233,7 +240,8 @@ class FenderMetrics:
     def snapshot(self) -> dict[str, Any]:
         """This process's data-plane numbers as JSON values, for the worker that serves /metrics.
 
-        (Sagas and the config hash are left out: only worker 0 drives sagas and serves the admin API.)
+        (Sagas, reloads and the config hash are left out: only worker 0 drives sagas, and a
+        reload reaches every worker, so worker 0's count is the number of reloads.)
         """
         return {
             "requests": [[*key, count] for key, count in self._requests.items()],
@@ -241,7 +249,6 @@ class FenderMetrics:
             "events": [[*key, count] for key, count in self._events.items()],
             "inflight": dict(self._inflight),
             "durations": {route: [h.counts, h.sum] for route, h in self._durations.items()},
-            "reloads": dict(self._reloads),
             "breakers": [list(row) for row in self._breakers()],
         }
 
@@ -256,12 +263,11 @@ class FenderMetrics:
         events: dict[tuple[str, ...], int] = {}
         inflight: dict[str, int] = {}
         durations: dict[str, _Histogram] = {}
-        reloads: dict[str, int] = {}
         breakers: dict[tuple[str, str], int] = {}
         for snap in snapshots:
             try:
-                _merge(snap, requests, attempts, events, inflight, durations, reloads, breakers)
-            except (KeyError, TypeError, ValueError):
+                _merge(snap, requests, attempts, events, inflight, durations, breakers)
+            except Exception:  # noqa: BLE001 - whatever a file held, the scrape goes on
                 continue
         for labels, count in requests.items():
             out["fender_requests_total"].add_metric(labels, count)
@@ -273,7 +279,7 @@ class FenderMetrics:
             out["fender_inflight_requests"].add_metric((route,), value)
         for route, histogram in durations.items():
             _observe(out["fender_request_duration_seconds"], (route,), histogram)
-        for result, count in reloads.items():
+        for result, count in self._reloads.items():
             out["fender_config_reloads_total"].add_metric((result,), count)
         current = self._config_hash()
         if current is not None:
@@ -295,7 +301,6 @@ def _merge(
     events: dict[tuple[str, ...], int],
     inflight: dict[str, int],
     durations: dict[str, _Histogram],
-    reloads: dict[str, int],
     breakers: dict[tuple[str, str], int],
 ) -> None:
     """Add one worker's snapshot to the totals (labels normalised as they are exported)."""
@@ -306,7 +311,7 @@ def _merge(
         labels2 = (route, attempt_result(result, None) if isinstance(result, int) else str(result))
         attempts[labels2] = attempts.get(labels2, 0) + int(count)
     for *key, count in snap["events"]:
-        if key and key[0] in METRICS:
+        if key and key[0] in _EVENT_FAMILIES:
             events[tuple(key)] = events.get(tuple(key), 0) + int(count)
     for route, value in snap["inflight"].items():
         inflight[route] = inflight.get(route, 0) + int(value)
@@ -318,8 +323,6 @@ def _merge(
             raise ValueError("another bucket layout")
         histogram.counts = [a + int(b) for a, b in zip(histogram.counts, counts, strict=True)]
         histogram.sum += float(total)
-    for result, count in snap["reloads"].items():
-        reloads[result] = reloads.get(result, 0) + int(count)
     for route, policy, state in snap["breakers"]:
         # each worker has its own breaker: the worst state shows (an open breaker anywhere refuses calls)
         value = BREAKER_STATE_VALUES.get(state, 0)

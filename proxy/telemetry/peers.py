@@ -1,7 +1,8 @@
 """`--workers N`: how the worker serving /metrics counts the others' requests too.
 
 Every other worker writes its `FenderMetrics.snapshot()` to a file in a directory the
-supervisor made for this run, once a second and when it stops; worker 0 reads them when
+supervisor made for this run alone (a new one each run: a file left by a run that was
+killed is never read), once a second and when it stops; worker 0 reads them when
 scraped and adds them to its own numbers. Files rather than a socket per worker: nothing
 more listens, a scrape never waits on a busy worker, and the numbers of a worker are at
 most a second old.
@@ -30,12 +31,11 @@ def _path(directory: Path, index: int) -> Path:
     return directory / f"worker-{index}.json"
 
 
-def read_peers(directory: Path, own: int) -> list[dict[str, Any]]:
-    """The snapshots of every worker but `own`; an unreadable one is left out."""
+def read_peers(directory: Path, workers: int) -> list[dict[str, Any]]:
+    """The snapshots of workers 1..N-1 (worker 0 reads them); a missing or unreadable one is left out."""
     out = []
-    for path in sorted(directory.glob("worker-*.json")):
-        if path == _path(directory, own):
-            continue
+    for index in range(1, workers):
+        path = _path(directory, index)
         try:
             snap = json.loads(path.read_bytes())
         except (OSError, ValueError):
@@ -62,7 +62,10 @@ class SnapshotWriter:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        self.write()  # the last requests this worker served count too
+        # requests the listener's close just cut finish (499) in their tasks' next step:
+        # let them take it, so that the last snapshot counts them too
+        await asyncio.sleep(0)
+        self.write()
 
     def write(self) -> None:
         temporary = self.path.with_suffix(".tmp")
