@@ -537,6 +537,11 @@ class ProxyListener:
         deadline = loop.time() + timeout
         while any(not c.idle for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        serving = [c._task for c in self.connections if c._task is not None and not c.idle]
         for conn in list(self.connections):
             conn._close(abort=not conn.idle)
         self.connections.clear()
+        if serving:
+            # the requests just cut wind up (a 499, counted and logged) before close returns,
+            # so whatever stops after the listener sees them finished
+            await asyncio.wait(serving, timeout=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -13,6 +14,7 @@ from proxy.telemetry.metrics import FenderMetrics
 from proxy.telemetry.observer import SagaTelemetry
 from proxy.telemetry.peers import SnapshotWriter, read_peers
 from tests.support.processes import FenderProcess, Upstream
+from tests.test_proxy_edge_cases import raw_upstream
 from tests.test_telemetry_metrics import samples, value
 
 
@@ -128,3 +130,24 @@ def test_fender_with_two_workers_counts_every_request_once(tmp_path):
         upstream.stop()
     assert fender.proc.returncode == 0, fender.proc.stderr.read() if fender.proc.stderr else ""
     assert list(data.glob("workers-*")) == [stale]  # the supervisor cleans up after its own run
+
+
+async def test_the_last_snapshot_counts_requests_the_shutdown_cut(start_fender, tmp_path):
+    async def never_answers(reader, writer, head):
+        await asyncio.sleep(5)
+        return "close"
+
+    server, port = await raw_upstream(never_answers)
+    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{port}'}}]", assemble=True,
+                                drain_timeout=0.2)
+    fender.app.worker_services.append(SnapshotWriter(fender.app.telemetry.metrics, tmp_path, 1))
+    _, client = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    client.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await client.drain()
+    await asyncio.sleep(0.2)
+    await fender.app.drain_and_stop()  # the drain window passes: the request is cut
+    snap = json.loads((tmp_path / "worker-1.json").read_text())
+    assert snap["inflight"] == {"r": 0}
+    assert [row[2:] for row in snap["requests"]] == [[499, "client_abort", 1]]
+    client.close()
+    server.close()
