@@ -118,7 +118,8 @@ class ProxyHandler:
             ctx = RequestContext(route.name, method, headers, client_ip=request.remote, bus=self.bus,
                                  task=request.task)
             try:
-                body = await self._request_body(request, route, ctx)
+                # (most requests have no body: no coroutine to find that out)
+                body = await self._request_body(request, route, ctx) if request.body_exists else None
             except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
                 # the body broke off or was malformed while being buffered for replay: nothing was sent
                 return self._unrouted(request, _unreadable_body(exc, route.name, 0), "bad_request", path, timer,
@@ -155,7 +156,14 @@ class ProxyHandler:
                     return
                 if status >= 500:
                     outcome_kind = "upstream_error"
-                status, outcome_kind = await self._relay(request, outcome, route, ctx, outcome_kind, timer)
+                upstream: UpstreamResponse = outcome.response
+                length = upstream.content_length
+                if (upstream.content.is_eof() and length is not None and length <= _SMALL_BODY
+                        and method != "HEAD"):
+                    # the whole response is in (the common case): no coroutine to relay it
+                    status, outcome_kind = self._relay_whole(request, upstream, route, ctx, outcome_kind)
+                else:
+                    status, outcome_kind = await self._relay(request, upstream, route, ctx, outcome_kind, timer)
             except asyncio.CancelledError:
                 outcome_kind = "client_abort"
                 status = 499
@@ -187,9 +195,7 @@ class ProxyHandler:
 
     async def _request_body(
         self, request: Exchange, route: RouteRuntime, ctx: RequestContext
-    ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None:
-        if not request.body_exists:
-            return None
+    ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader:
         if request.headers.get("expect", "").lower() == "100-continue":
             request.send_continue()
         limit = route.buffer_limit
@@ -217,20 +223,33 @@ class ProxyHandler:
         headers["x-fender-attempts"] = str(ctx.attempts)
         request.respond(outcome.status, headers, outcome.body or b"")
 
+    @staticmethod
+    def _relay_whole(
+        request: Exchange, upstream: UpstreamResponse, route: RouteRuntime, ctx: RequestContext, outcome_kind: str,
+    ) -> tuple[int, str]:
+        """`_relay` for a small response already received whole, without awaiting anything."""
+        try:
+            body = upstream.content.read_nowait()
+        except _BODY_ERRORS:
+            return _broke_off(request, upstream, route, ctx)
+        except BaseException:
+            upstream.close()  # the connection's state is unknown
+            raise
+        upstream.release()
+        request.respond(upstream.status, _response_headers(upstream, route, ctx), body, upstream.reason)
+        return upstream.status, outcome_kind
+
     async def _relay(
         self,
         request: Exchange,
-        outcome: Outcome,
+        upstream: UpstreamResponse,
         route: RouteRuntime,
         ctx: RequestContext,
         outcome_kind: str,
         timer: float,
     ) -> tuple[int, str]:
         """Relay the upstream response; returns the status the client saw and the outcome."""
-        upstream: UpstreamResponse = outcome.response
-        headers = strip_hop_by_hop(upstream.headers)
-        headers["x-fender-route"] = route.name
-        headers["x-fender-attempts"] = str(ctx.attempts)
+        headers = _response_headers(upstream, route, ctx)
         content = upstream.content
         # the route's total timeout also bounds the body (as Envoy's route timeout does)
         budget = route.body_budget
@@ -238,20 +257,13 @@ class ProxyHandler:
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
             try:
-                if content.is_eof():
-                    body = content.read_nowait()  # the body came with the head: no coroutine to read it
-                elif budget is None:
+                if budget is None or content.is_eof():
                     body = await upstream.read()
                 else:
                     async with asyncio.timeout_at(_body_deadline(request, budget, timer)):
                         body = await upstream.read()
             except _BODY_ERRORS:
-                upstream.close()
-                request.respond_with(error_response(
-                    "upstream_reset", "the upstream broke off the response body", route.name,
-                    attempts=ctx.attempts,
-                ))
-                return 502, "upstream_reset"
+                return _broke_off(request, upstream, route, ctx)
             except TimeoutError:
                 upstream.close()
                 request.respond_with(error_response(
@@ -288,6 +300,22 @@ class ProxyHandler:
             raise
         upstream.release()
         return upstream.status, outcome_kind
+
+
+def _response_headers(upstream: UpstreamResponse, route: RouteRuntime, ctx: RequestContext) -> CIMultiDict[str]:
+    headers = strip_hop_by_hop(upstream.headers)
+    headers["x-fender-route"] = route.name
+    headers["x-fender-attempts"] = str(ctx.attempts)
+    return headers
+
+
+def _broke_off(request: Exchange, upstream: UpstreamResponse, route: RouteRuntime, ctx: RequestContext) -> tuple[int, str]:
+    """502: the upstream broke off a small response's body before the client got anything."""
+    upstream.close()
+    request.respond_with(error_response(
+        "upstream_reset", "the upstream broke off the response body", route.name, attempts=ctx.attempts,
+    ))
+    return 502, "upstream_reset"
 
 
 def _body_deadline(request: Exchange, budget: float, timer: float) -> float:
