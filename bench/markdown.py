@@ -62,7 +62,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"p50 added over the upstream at c={conc}: {shown}."]
         if any(value is not None for value in over.values()):
             mine = ", ".join(f"{target} {fmt_us(value)}" for target, value in over.items() if value is not None)
-            lines.append(f"Beyond the relay floor (Fender's own work): {mine}.")
+            lines.append(f"Beyond the relay floor (HTTP parsing and Fender's own work): {mine}.")
     saga = result.get("saga", {})
     lines.append("")
     if saga.get("available"):

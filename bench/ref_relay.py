@@ -4,7 +4,7 @@ Usage: python -m bench.ref_relay PORT UPSTREAM_PORT. Each client connection gets
 upstream connection, and bytes are copied both ways as they arrive: no HTTP parsing, no
 routing, no headers, no policies. What it adds over calling the upstream directly is what
 the machine charges for two more hops through a Python event loop (wake-ups, system calls,
-the loop itself); what Fender adds beyond that is Fender's own work.
+the loop itself); what Fender adds beyond that is HTTP parsing and Fender's own work.
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def ratios(summary: dict[str, dict[int, Summary]], concurrencies: list[int],
         added[target] = None if direct is None or own is None else round(own - direct, 1)
     out[f"added_p50_us_at_c{low}"] = added
     # what is left once the floor (two more hops through a Python loop, no HTTP) is taken
-    # away: Fender's own work, apart from what the machine charges every Python proxy
+    # away: HTTP parsing and Fender's own work, apart from what the machine charges every
+    # Python proxy
     floor = added.get("relay-floor")
     out[f"added_p50_over_floor_us_at_c{low}"] = {
         target: None if floor is None or added.get(target) is None else round(added[target] - floor, 1)

@@ -97,7 +97,7 @@ def test_ratios_against_the_references_of_the_same_run() -> None:
     assert r["full_over_empty_cpu_per_req"][32] == pytest.approx(20000 / 19500, abs=1e-3)
     assert r["full_over_empty_cpu_per_req"][1] is None  # no CPU figure at c=1 in these cells
     assert "upstream" not in r["added_p50_us_at_c1"]
-    # Fender's own share: what it adds beyond the byte relay's 30 us
+    # what Fender adds beyond the byte relay's 30 us
     assert r["added_p50_over_floor_us_at_c1"] == {"fender-empty": pytest.approx(70.0),
                                                   "fender-full": pytest.approx(90.0)}
 
