@@ -257,7 +257,7 @@ class ProxyHandler:
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # small bodies (the common case) go out in one write with their head
             try:
-                if budget is None or content.is_eof():
+                if budget is None:
                     body = await upstream.read()
                 else:
                     async with asyncio.timeout_at(_body_deadline(request, budget, timer)):

@@ -328,6 +328,7 @@ class ServerConnection(ProxyProtocol):
                 waiter.set_result(None)
         elif self._task is None:
             self._task = self._loop.create_task(self._serve())
+            self.server.serving.add(self._task)
         if len(self._queue) >= _MAX_QUEUED and not self._buffer_paused:
             self._pause_reading_for_buffer()
 
@@ -389,6 +390,7 @@ class ServerConnection(ProxyProtocol):
                     self._close()
                     return
         finally:
+            self.server.serving.discard(self._task)
             self._task = None
             self._waiter = None
 
@@ -488,6 +490,8 @@ class ProxyListener:
         self.on_refused = on_refused
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[ServerConnection] = set()
+        # every connection's serving task until it ends, its connection gone or not (close waits for them)
+        self.serving: set[asyncio.Task[None]] = set()
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -537,11 +541,11 @@ class ProxyListener:
         deadline = loop.time() + timeout
         while any(not c.idle for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        serving = [c._task for c in self.connections if c._task is not None and not c.idle]
         for conn in list(self.connections):
             conn._close(abort=not conn.idle)
         self.connections.clear()
-        if serving:
-            # the requests just cut wind up (a 499, counted and logged) before close returns,
-            # so whatever stops after the listener sees them finished
-            await asyncio.wait(serving, timeout=1.0)
+        if self.serving:
+            # the requests just cut, and those of clients that left a moment ago, wind up (a
+            # 499, counted and logged) before close returns: what stops after the listener
+            # sees them finished
+            await asyncio.wait(list(self.serving), timeout=1.0)

@@ -151,3 +151,26 @@ async def test_the_last_snapshot_counts_requests_the_shutdown_cut(start_fender, 
     assert [row[2:] for row in snap["requests"]] == [[499, "client_abort", 1]]
     client.close()
     server.close()
+
+
+async def test_the_last_snapshot_counts_a_client_that_left_just_before_the_stop(start_fender, tmp_path):
+    async def never_answers(reader, writer, head):
+        await asyncio.sleep(5)
+        return "close"
+
+    server, port = await raw_upstream(never_answers)
+    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{port}'}}]", assemble=True,
+                                drain_timeout=0.2)
+    fender.app.worker_services.append(SnapshotWriter(fender.app.telemetry.metrics, tmp_path, 1))
+    _, client = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    client.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await client.drain()
+    await asyncio.sleep(0.2)
+    (conn,) = fender.app._proxy.connections
+    conn.transport.abort()  # the client's connection is gone; its serving task is cancelled, not yet run
+    await asyncio.sleep(0)
+    await fender.app.stop()  # no connection left to cut: the listener still waits for that task
+    snap = json.loads((tmp_path / "worker-1.json").read_text())
+    assert [row[2:] for row in snap["requests"]] == [[499, "client_abort", 1]]
+    client.close()
+    server.close()
