@@ -76,20 +76,27 @@ def hexid(raw: bytes) -> str:
     return raw.hex()
 
 
-async def test_server_and_client_spans_continue_the_callers_trace(otlp, aiohttp_server, start_fender, http):
+async def recording_upstream(aiohttp_server: Any, answer: Any = None) -> tuple[int, list[str]]:
+    """An upstream that keeps the traceparent of every call; `answer(calls)` picks the response."""
     seen: list[str] = []
 
-    async def flaky(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.Response:
         seen.append(request.headers["traceparent"])
-        return web.Response(status=503 if len(seen) == 1 else 200, text="ok")
+        return answer(len(seen)) if answer is not None else web.Response(text="ok")
 
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", flaky)
+    app.router.add_route("*", "/{tail:.*}", handle)
     server = await aiohttp_server(app)
+    return server.port, seen
+
+
+async def test_server_and_client_spans_continue_the_callers_trace(otlp, aiohttp_server, start_fender, http):
+    port, seen = await recording_upstream(
+        aiohttp_server, lambda calls: web.Response(status=503 if calls == 1 else 200, text="ok"))
     fender = await start_fender(f"""
         routes:
           - name: orders
-            upstream: http://127.0.0.1:{server.port}
+            upstream: http://127.0.0.1:{port}
             chain:
               - retry: {{attempts: 3, on: [5xx], backoff: {{base: 1ms, max: 1ms}}}}
     """, assemble=True)
@@ -127,8 +134,8 @@ async def test_server_and_client_spans_continue_the_callers_trace(otlp, aiohttp_
     assert second["http.request.resend_count"] == 1
     assert first["http.response.status_code"] == 503 and first["error.type"] == "503"
     assert second["http.response.status_code"] == 200 and "error.type" not in second
-    assert second["server.address"] == "127.0.0.1" and second["server.port"] == server.port
-    assert second["url.full"] == f"http://127.0.0.1:{server.port}/orders/7?secret=x"
+    assert second["server.address"] == "127.0.0.1" and second["server.port"] == port
+    assert second["url.full"] == f"http://127.0.0.1:{port}/orders/7?secret=x"
     assert clients[0].status.code == 2  # STATUS_CODE_ERROR
     # the upstream saw each CLIENT span as its parent
     assert seen == [f"00-{TRACE_ID}-{hexid(c.span_id)}-01" for c in clients]
@@ -178,18 +185,8 @@ async def test_policy_rejection_is_a_span_event(otlp, start_fender, http):
 
 
 async def test_saga_span_with_action_and_compensation_children(otlp, aiohttp_server, start_fender):
-    got: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        got.append(request.headers["traceparent"])
-        return web.json_response({"id": 1})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    server = await aiohttp_server(app)
-    fender = await start_fender(
-        f"routes:\n  - name: inventory\n    upstream: http://127.0.0.1:{server.port}\n", assemble=True
-    )
+    port, got = await recording_upstream(aiohttp_server, lambda calls: web.json_response({"id": 1}))
+    fender = await start_fender(f"routes:\n  - name: inventory\n    upstream: http://127.0.0.1:{port}\n", assemble=True)
     observer = fender.app.saga_observer
     invoker = ChainInvoker(fender.app)
     observer.saga_started("order-1")
@@ -232,16 +229,8 @@ async def test_no_endpoint_means_no_tracer_and_the_callers_traceparent_goes_thro
 ):
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
-    got: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        got.append(request.headers["traceparent"])
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", handle)
-    server = await aiohttp_server(app)
-    fender = await start_fender(f"routes:\n  - name: a\n    upstream: http://127.0.0.1:{server.port}\n", assemble=True)
+    port, got = await recording_upstream(aiohttp_server)
+    fender = await start_fender(f"routes:\n  - name: a\n    upstream: http://127.0.0.1:{port}\n", assemble=True)
     assert fender.app.telemetry.tracing is None
     traceparent = f"00-{TRACE_ID}-{PARENT_ID}-01"
     async with http.get(fender.proxy_url + "/", headers={"Host": "x", "traceparent": traceparent}) as resp:
@@ -250,16 +239,8 @@ async def test_no_endpoint_means_no_tracer_and_the_callers_traceparent_goes_thro
 
 
 async def test_unsampled_caller_is_not_recorded_but_its_trace_goes_upstream(otlp, aiohttp_server, start_fender, http):
-    got: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        got.append(request.headers["traceparent"])
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", handle)
-    server = await aiohttp_server(app)
-    fender = await start_fender(f"routes:\n  - name: a\n    upstream: http://127.0.0.1:{server.port}\n", assemble=True)
+    port, got = await recording_upstream(aiohttp_server)
+    fender = await start_fender(f"routes:\n  - name: a\n    upstream: http://127.0.0.1:{port}\n", assemble=True)
     async with http.get(fender.proxy_url + "/", headers={"Host": "x", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}) as resp:
         assert resp.status == 200
     async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
