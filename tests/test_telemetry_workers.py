@@ -132,7 +132,10 @@ def test_fender_with_two_workers_counts_every_request_once(tmp_path):
     assert list(data.glob("workers-*")) == [stale]  # the supervisor cleans up after its own run
 
 
-async def test_the_last_snapshot_counts_requests_the_shutdown_cut(start_fender, tmp_path):
+@pytest.fixture
+async def stuck(start_fender, tmp_path):
+    """A worker 1 (its snapshot in tmp_path) with one request waiting on an upstream that never answers."""
+
     async def never_answers(reader, writer, head):
         await asyncio.sleep(5)
         return "close"
@@ -145,32 +148,22 @@ async def test_the_last_snapshot_counts_requests_the_shutdown_cut(start_fender, 
     client.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await client.drain()
     await asyncio.sleep(0.2)
-    await fender.app.drain_and_stop()  # the drain window passes: the request is cut
+    yield fender
+    client.close()
+    server.close()
+
+
+async def test_the_last_snapshot_counts_requests_the_shutdown_cut(stuck, tmp_path):
+    await stuck.app.drain_and_stop()  # the drain window passes: the request is cut
     snap = json.loads((tmp_path / "worker-1.json").read_text())
     assert snap["inflight"] == {"r": 0}
     assert [row[2:] for row in snap["requests"]] == [[499, "client_abort", 1]]
-    client.close()
-    server.close()
 
 
-async def test_the_last_snapshot_counts_a_client_that_left_just_before_the_stop(start_fender, tmp_path):
-    async def never_answers(reader, writer, head):
-        await asyncio.sleep(5)
-        return "close"
-
-    server, port = await raw_upstream(never_answers)
-    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{port}'}}]", assemble=True,
-                                drain_timeout=0.2)
-    fender.app.worker_services.append(SnapshotWriter(fender.app.telemetry.metrics, tmp_path, 1))
-    _, client = await asyncio.open_connection(*fender.app.addresses["proxy"])
-    client.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    await client.drain()
-    await asyncio.sleep(0.2)
-    (conn,) = fender.app._proxy.connections
+async def test_the_last_snapshot_counts_a_client_that_left_just_before_the_stop(stuck, tmp_path):
+    (conn,) = stuck.app._proxy.connections
     conn.transport.abort()  # the client's connection is gone; its serving task is cancelled, not yet run
     await asyncio.sleep(0)
-    await fender.app.stop()  # no connection left to cut: the listener still waits for that task
+    await stuck.app.stop()  # no connection left to cut: the listener still waits for that task
     snap = json.loads((tmp_path / "worker-1.json").read_text())
     assert [row[2:] for row in snap["requests"]] == [[499, "client_abort", 1]]
-    client.close()
-    server.close()
