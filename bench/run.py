@@ -102,6 +102,8 @@ def start_targets(targets: list[Target], ws: Workspace, notes: dict[str, str]) -
         except OSError as exc:
             notes[target.name] = f"failed to start: {exc}"
             continue
+        # a target sharing another's process listens where that one does
+        target.port = target.managed.extra.get("proxy_port", target.port)
         started.append(target)
     ready: list[Target] = []
     for target in started:

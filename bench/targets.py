@@ -154,19 +154,32 @@ def _fender(name: str, workers: int = 0) -> Starter:
         if workers:
             args += ["--workers", str(workers)]
         managed = Managed.start(name, args, ws.workdir / f"{name}.log", env=env)
-        managed.extra.update(admin_port=admin, metrics_port=metrics)
+        managed.extra.update(admin_port=admin, metrics_port=metrics, proxy_port=port)
         return managed
     return start
 
 
+def _shared(starter: Starter) -> Starter:
+    """One process for every target made with this starter (they differ by route, not by process)."""
+    started: list[Managed] = []
+
+    def start(ws: Workspace, port: int) -> Managed:
+        if not started or not started[0].alive():
+            started[:] = [starter(ws, port)]
+        return started[0]
+    return start
+
+
 def all_targets(fender_workers: int = 0) -> list[Target]:
+    # the empty and the full chain are two routes of one Fender: compared in one process, the
+    # difference is the chain, not two processes' luck (hash seeds, heap layout, the core each got)
+    fender = _shared(_fender("fender"))
     targets = [
         Target("upstream", "nginx `return 200`, 1 worker, called directly", "upstream",
                lambda ws, port: _never(), group="upstream"),
-        Target("fender-empty", "Fender, route with `chain: []`", "empty",
-               _fender("fender-empty"), needs=("fender",), group="fender"),
-        Target("fender-full", "Fender, rate_limit+timeout+retry+breaker+attempt timeout", "full",
-               _fender("fender-full"), needs=("fender",), group="fender"),
+        Target("fender-empty", "Fender, route with `chain: []`", "empty", fender, needs=("fender",), group="fender"),
+        Target("fender-full", "the same Fender, route rate_limit+timeout+retry+breaker+attempt timeout", "full",
+               fender, needs=("fender",), group="fender"),
     ]
     if fender_workers > 1:
         targets.append(Target(f"fender-full-w{fender_workers}",

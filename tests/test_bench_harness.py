@@ -15,7 +15,7 @@ from bench.procs import cpu_seconds, rss_kib, tree_pids
 from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.run import parse_args, select
 from bench.saga import _lua_string, saga_body
-from bench.targets import CONFIGS, Workspace, all_targets, render
+from bench.targets import CONFIGS, Workspace, _shared, all_targets, render
 from bench.wrk import parse_duration_us, parse_wrk_output
 
 WRK_OUTPUT = """\
@@ -245,3 +245,25 @@ def test_callgrind_dump_totals_are_read_from_either_header() -> None:
     assert dump_total(dump.replace("summary:", "totals:")) == 240212345
     with pytest.raises(ValueError):
         dump_total("events: Ir\nfn=(1) main\n0 12\n")
+
+
+def test_the_empty_and_full_chain_are_two_routes_of_one_fender(tmp_path: Path) -> None:
+    targets = {t.name: t for t in all_targets()}
+    assert targets["fender-empty"].start is targets["fender-full"].start
+    assert (targets["fender-empty"].host, targets["fender-full"].host) == ("empty", "full")
+
+    class Proc:
+        def __init__(self, alive: bool) -> None:
+            self.alive = lambda: alive
+
+    made: list[tuple[int, Proc]] = []
+
+    def starter(ws: object, port: int) -> Proc:
+        made.append((port, Proc(alive=len(made) > 0)))  # the first one dies at once
+        return made[-1][1]
+
+    start = _shared(starter)  # type: ignore[arg-type]
+    first = start(None, 1)  # type: ignore[arg-type]
+    second = start(None, 2)  # type: ignore[arg-type]
+    assert second is not first and [port for port, _ in made] == [1, 2]  # a dead process is started again
+    assert start(None, 3) is second and len(made) == 2  # a live one is shared
