@@ -255,7 +255,7 @@ class ProxyHandler:
         budget = route.body_budget
         length = upstream.content_length
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
-            # small bodies (the common case) go out in one write with their head
+            # a small body still arriving is awaited, then goes out in one write with its head
             try:
                 if budget is None:
                     body = await upstream.read()
