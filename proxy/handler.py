@@ -163,7 +163,8 @@ class ProxyHandler:
                     # the whole response is in (the common case): no coroutine to relay it
                     status, outcome_kind = self._relay_whole(request, upstream, route, ctx, outcome_kind)
                 else:
-                    status, outcome_kind = await self._relay(request, upstream, route, ctx, outcome_kind, timer)
+                    status, outcome_kind = await self._relay(request, upstream, length, route, ctx, outcome_kind,
+                                                             timer)
             except asyncio.CancelledError:
                 outcome_kind = "client_abort"
                 status = 499
@@ -243,17 +244,17 @@ class ProxyHandler:
         self,
         request: Exchange,
         upstream: UpstreamResponse,
+        length: int | None,
         route: RouteRuntime,
         ctx: RequestContext,
         outcome_kind: str,
         timer: float,
     ) -> tuple[int, str]:
-        """Relay the upstream response; returns the status the client saw and the outcome."""
+        """Relay the upstream response (`length`: its Content-Length); returns the status the client saw and the outcome."""
         headers = _response_headers(upstream, route, ctx)
         content = upstream.content
         # the route's total timeout also bounds the body (as Envoy's route timeout does)
         budget = route.body_budget
-        length = upstream.content_length
         if length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # a small body still arriving is awaited, then goes out in one write with its head
             try:
