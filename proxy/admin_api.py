@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -24,15 +25,18 @@ from aiohttp import web
 from policies.base import RequestContext
 from policies.circuit_breaker import CircuitBreakerPolicy
 from policies.events import BreakerTransitioned
+from proxy.breaker_resets import ResetAnnouncer, ResetFollower
 from proxy.config_watch import ConfigWatcher, fingerprint, interval_from_env
 from proxy.openapi import openapi_document
 from proxy.redact import redact, redact_url
+from proxy.workers import WORKERS_DIR_ENV
 
 if TYPE_CHECKING:
     from proxy.app import FenderApp
     from proxy.runtime import Runtime
 
-__all__ = ["install", "admin_routes", "auth_middleware", "peer_address", "is_loopback", "breakers_of"]
+__all__ = ["install", "admin_routes", "auth_middleware", "peer_address", "is_loopback", "breakers_of",
+           "reset_breaker_named"]
 
 log = logging.getLogger("fender")
 
@@ -183,7 +187,9 @@ def _breaker_view(name: str, policy: CircuitBreakerPolicy, routes: list[str]) ->
 # -- routes -----------------------------------------------------------------------------
 
 
-def admin_routes(fender: FenderApp) -> list[web.RouteDef]:
+def admin_routes(fender: FenderApp, resets: ResetAnnouncer | None = None) -> list[web.RouteDef]:
+    """`resets`: with `--workers N`, how worker 0 tells the others of a breaker reset."""
+
     async def get_config(request: web.Request) -> web.Response:
         runtime = fender.runtime
         last = fender.last_reload
@@ -217,20 +223,12 @@ def admin_routes(fender: FenderApp) -> list[web.RouteDef]:
 
     async def reset_breaker(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        found = breakers_of(fender.runtime).get(name)
+        found = reset_breaker_named(fender, name)
         if found is None:
             return _error(404, "not_found", f"no circuit breaker named {name!r} (see GET /breakers)")
-        policy, routes = found
-        before = policy.state.value
-        policy.reset()
-        after = policy.state.value
-        if before != after:
-            # metrics and traces learn of transitions through events; tell them once per route
-            event = BreakerTransitioned(policy.name, before, after)
-            for route in routes:
-                fender.bus.emit(event, RequestContext(route, request.method, {}, bus=fender.bus))
-        log.info("circuit breaker reset", extra={"breaker": name, "from": before})
-        return _json(_breaker_view(name, policy, routes))
+        if resets is not None:
+            resets.announce(name)
+        return _json(_breaker_view(name, *found))
 
     async def get_openapi(request: web.Request) -> web.Response:
         from proxy.cli import _version
@@ -247,6 +245,24 @@ def admin_routes(fender: FenderApp) -> list[web.RouteDef]:
     ]
 
 
+def reset_breaker_named(fender: FenderApp, name: str) -> tuple[CircuitBreakerPolicy, list[str]] | None:
+    """Force the breaker `name` (as GET /breakers names it) closed; None if there is none."""
+    found = breakers_of(fender.runtime).get(name)
+    if found is None:
+        return None
+    policy, routes = found
+    before = policy.state.value
+    policy.reset()
+    after = policy.state.value
+    if before != after:
+        # metrics and traces learn of transitions through events; tell them once per route
+        event = BreakerTransitioned(policy.name, before, after)
+        for route in routes:
+            fender.bus.emit(event, RequestContext(route, "POST", {}, bus=fender.bus))
+    log.info("circuit breaker reset", extra={"breaker": name, "from": before})
+    return found
+
+
 def _tell_sibling_workers(fender: FenderApp) -> None:
     """With `--workers N` the parent forwards SIGHUP to every worker, so all of them reload."""
     if fender.settings.workers > 1 and "FENDER_WORKER_INDEX" in os.environ:
@@ -258,7 +274,7 @@ def _tell_sibling_workers(fender: FenderApp) -> None:
 
 def install(fender: FenderApp) -> None:
     fender.admin_middlewares.append(auth_middleware(fender.settings.admin_token))
-    fender.admin_routes.extend(admin_routes(fender))
+    fender.admin_routes.extend(admin_routes(fender, _share_resets(fender)))
     interval = interval_from_env()
     if interval > 0:
         # fingerprinted now, right after the initial load, so an edit before start() is not missed
@@ -266,6 +282,17 @@ def install(fender: FenderApp) -> None:
             fender.config_path, _file_reload(fender), interval=interval, seen=fingerprint(fender.config_path)
         )
         fender.services.append(watcher)
+
+
+def _share_resets(fender: FenderApp) -> ResetAnnouncer | None:
+    """With `--workers N`: worker 0 announces its breaker resets, the others follow them."""
+    directory = os.environ.get(WORKERS_DIR_ENV)
+    if not directory or fender.settings.workers < 2:
+        return None
+    if int(os.environ.get("FENDER_WORKER_INDEX", "0")) == 0:
+        return ResetAnnouncer(Path(directory))
+    fender.worker_services.append(ResetFollower(Path(directory), lambda name: reset_breaker_named(fender, name)))
+    return None
 
 
 def _file_reload(fender: FenderApp) -> Callable[[str], Awaitable[Any]]:

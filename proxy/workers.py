@@ -5,7 +5,8 @@ there is one journal driver and one place to reload from the API; the parent
 forwards SIGTERM/SIGINT/SIGHUP to every worker. Policy state is per worker: a
 local token bucket of `rate: 100/s` admits up to N x 100/s in total; use
 `backend: redis` for a limit that holds across workers (and replicas). Worker 0's
-/metrics counts every worker's requests (`proxy/telemetry/peers.py`).
+/metrics counts every worker's requests (`proxy/telemetry/peers.py`), and a breaker reset
+on its admin API reaches the others (`proxy/breaker_resets.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from config.settings import Settings
 
 __all__ = ["WORKERS_DIR_ENV", "run_workers"]
 
-WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # where workers 1..N-1 leave their metrics for worker 0
+WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # the run's files shared between workers (metrics, breaker resets)
 
 
 def run_workers(settings: Settings) -> int:
     """Fork the workers and watch them: the first one to exit stops them all."""
-    # where workers 1..N-1 leave their metrics for worker 0's /metrics (proxy/telemetry/peers.py)
+    # the files the workers share in this run: metrics for worker 0 (proxy/telemetry/peers.py),
+    # breaker resets from it (proxy/breaker_resets.py)
     # (a new directory each run: in a container the supervisor is always pid 1, and a run
     # that was killed leaves its files behind, which must not count for this one)
     shared: str | None = None
@@ -35,7 +37,8 @@ def run_workers(settings: Settings) -> int:
         shared = tempfile.mkdtemp(prefix="workers-", dir=settings.data_dir)
     except OSError as exc:
         print(f"fender: cannot create a directory in {settings.data_dir} ({exc.strerror or exc}): "
-              "/metrics will count worker 0's requests only", file=sys.stderr)
+              "/metrics will count worker 0's requests only, and a breaker reset will close worker 0's "
+              "breaker only", file=sys.stderr)
     else:
         os.environ[WORKERS_DIR_ENV] = shared
     try:
