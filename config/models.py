@@ -6,9 +6,18 @@ import re
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    GetJsonSchemaHandler,
+    Tag,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from config.policy_models import Frozen, PolicyModel
+from config.policy_models import Frozen, PolicyModel, or_shorthand
 from config.saga_models import SagaTemplateModel
 from config.units import Duration
 
@@ -52,6 +61,10 @@ class UpstreamModel(Frozen):
     @classmethod
     def _scalar(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return or_shorthand({"type": "string", "description": "the URL alone: {url: ...}"}, core, handler)
 
     @field_validator("url")
     @classmethod

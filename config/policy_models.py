@@ -5,12 +5,22 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from config.units import Duration, Rate, Size
+from config.units import DURATION_SCHEMA, Duration, Rate, Size
 
 __all__ = [
     "Frozen",
+    "or_shorthand",
     "TimeoutModel",
     "BackoffModel",
     "RetryAfterModel",
@@ -37,6 +47,12 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def or_shorthand(shorthand: JsonSchemaValue, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    """A model's JSON Schema that also admits the scalar its `mode="before"` validator expands
+    (`fender schema` must accept every file `fender check` does)."""
+    return {"anyOf": [shorthand, handler(core)]}
+
+
 class TimeoutModel(Frozen):
     duration: Duration = Field(gt=0)
 
@@ -47,6 +63,10 @@ class TimeoutModel(Frozen):
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return {"duration": value}
         return value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return or_shorthand(DURATION_SCHEMA, core, handler)
 
 
 class BackoffModel(Frozen):

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, WithJsonSchema
 
-__all__ = ["parse_duration", "parse_rate", "parse_size", "Duration", "Rate", "Size"]
+__all__ = ["parse_duration", "parse_rate", "parse_size", "Duration", "Rate", "Size", "DURATION_SCHEMA"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -73,13 +73,8 @@ def parse_size(value: Any) -> int:
     return size
 
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {"anyOf": [{"type": "string", "pattern": _DURATION.pattern}, {"type": "number", "minimum": 0}]}
-    ),
-]
+DURATION_SCHEMA = {"anyOf": [{"type": "string", "pattern": _DURATION.pattern}, {"type": "number", "minimum": 0}]}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(DURATION_SCHEMA)]
 Rate = Annotated[
     float,
     BeforeValidator(parse_rate),

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         from config.models import FenderConfig
 
-        print(json.dumps(FenderConfig.model_json_schema(), indent=2))
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **FenderConfig.model_json_schema()}
+        print(json.dumps(schema, indent=2))
         return 0
     if args.command == "check":
         return _check(args.path)
