@@ -41,6 +41,7 @@ FALLBACK_KINDS = (
     "upstream_unavailable", "upstream_reset", "5xx",
 )
 _STATUS_CLASS = re.compile(r"^[1-5]xx$")
+_MAX_OPEN_FOR = 300.0
 
 
 class Frozen(BaseModel):
@@ -131,6 +132,11 @@ class RetryModel(Frozen):
         return tuple(m.upper() for m in value)
 
 
+def _max_open_for_schema(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # (None stands for "computed", which JSON Schema cannot say)
+    schema["description"] = "default: 5m, or open_for if that is longer"
+
+
 class CircuitBreakerModel(Frozen):
     consecutive_failures: int | None = Field(None, ge=1)
     failure_rate: float | None = Field(None, gt=0, le=1)
@@ -140,7 +146,8 @@ class CircuitBreakerModel(Frozen):
     slow_call_duration: Duration | None = Field(None, gt=0)
     slow_call_rate: float = Field(1.0, gt=0, le=1)
     open_for: Duration = Field(30.0, gt=0)
-    max_open_for: Duration = Field(300.0, gt=0)
+    # unset: 5m, or open_for if that is longer (`open_for: 10m` alone is not an error)
+    max_open_for: Duration = Field(None, gt=0, json_schema_extra=_max_open_for_schema)  # type: ignore[assignment]
     half_open_calls: int = Field(1, ge=1)
     failure_statuses: tuple[str | int, ...] = ("5xx",)
 
@@ -158,7 +165,9 @@ class CircuitBreakerModel(Frozen):
             raise ValueError("choose either window (time) or window_calls (count), not both")
         if (self.window is not None or self.window_calls is not None) and not rate_mode:
             raise ValueError("window and window_calls apply to failure_rate mode only")
-        if self.max_open_for < self.open_for:
+        if self.max_open_for is None:
+            object.__setattr__(self, "max_open_for", max(_MAX_OPEN_FOR, self.open_for))  # (frozen)
+        elif self.max_open_for < self.open_for:
             raise ValueError("max_open_for must not be smaller than open_for")
         return self
 

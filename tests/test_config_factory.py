@@ -1,7 +1,7 @@
 import pytest
 
 from config.factory import PolicyFactory
-from config.loader import load_text
+from config.loader import ConfigInvalid, load_text
 from policies.breaker_state import CountWindow, TimeWindow
 from policies.bulkhead import BulkheadPolicy
 from policies.circuit_breaker import CircuitBreakerPolicy
@@ -95,6 +95,22 @@ def test_defaults_are_applied():
     bulkhead = pay["bulkhead"]
     assert (bulkhead.max_concurrent, bulkhead.max_queue, bulkhead.queue_timeout) == (10, 5, 1.0)
     assert pay["fallback"].body == b'{"error":"later"}'
+
+
+def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
+    text = """
+routes:
+  - name: a
+    upstream: http://x
+    chain:
+      - circuit_breaker: {open_for: 10m}
+      - circuit_breaker: {open_for: 10s, max_open_for: 1m}
+"""
+    _, chains = build(text)
+    machines = [p.machine for _, p in chains["a"].policies]
+    assert [(m.open_for, m.max_open_for) for m in machines] == [(600.0, 600.0), (10.0, 60.0)]
+    with pytest.raises(ConfigInvalid, match="max_open_for must not be smaller than open_for"):
+        load_text(text.replace("{open_for: 10m}", "{open_for: 10m, max_open_for: 5m}"))
 
 
 def test_failure_rate_windows():
