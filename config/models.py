@@ -31,6 +31,7 @@ __all__ = [
     "DefaultsModel",
     "ChainItem",
     "NAME_PATTERN",
+    "listener_addr",
 ]
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -137,9 +138,14 @@ class ListenersModel(Frozen):
     @field_validator("proxy", "admin", "metrics")
     @classmethod
     def _addr(cls, value: str | None) -> str | None:
-        if value is not None and not _ADDR.match(value):
-            raise ValueError(f"listener address {value!r} must be HOST:PORT")
-        return value
+        return value if value is None else listener_addr(value)
+
+
+def listener_addr(value: str) -> str:
+    """A listener's HOST:PORT (in the config file and in FENDER_*_ADDR), or ValueError."""
+    if not _ADDR.match(value) or int(value.rpartition(":")[2]) > 65535:
+        raise ValueError(f"listener address {value!r} must be HOST:PORT (e.g. 127.0.0.1:15001, [::1]:15001, :15001)")
+    return value
 
 
 class FenderConfig(Frozen):

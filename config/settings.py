@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.models import ListenersModel
+from config.models import ListenersModel, listener_addr
 from config.units import Duration
 
 __all__ = ["Settings", "split_addr"]
@@ -28,6 +28,19 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = True
     workers: int = Field(1, ge=1)
+
+    @field_validator("proxy_addr", "admin_addr", "metrics_addr")
+    @classmethod
+    def _addr(cls, value: str | None) -> str | None:
+        return listener_addr(value) if value else value  # ("": no listener, as on the extra workers)
+
+    @field_validator("saga_store")
+    @classmethod
+    def _store(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("sqlite:", "postgresql:", "postgres:")):  # (saga.store.open_store)
+            scheme = value.split(":", 1)[0]  # not the whole URL: it may hold a password
+            raise ValueError(f"unsupported scheme {scheme!r}: use sqlite:///path or postgresql://")
+        return value
 
     @field_validator("log_level")
     @classmethod
