@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -213,6 +214,13 @@ class FenderApp:
         proxy_addr, admin_addr, metrics_addr = self.settings.listeners(
             self.holder.current.loaded.config.listeners
         )
+        reuse_port = self.settings.workers > 1
+        served = [("proxy", proxy_addr), ("admin", admin_addr), ("metrics", metrics_addr)]
+        for name, addr in served:
+            if getattr(self.settings, f"{name}_addr") != "":  # ("" = not served: extra workers)
+                # before any service starts: a second Fender on the same ports and data dir must
+                # fail here, not after it resumed the first one's sagas
+                _check_bindable(name, addr, reuse_port)
         if self.settings.admin_addr != "":
             for service in self.services:
                 await service.start()
@@ -223,7 +231,7 @@ class FenderApp:
         listener = ProxyListener(handler, on_refused=handler.refused)
         host, port = split_addr(proxy_addr)
         try:
-            bound = await listener.start(host, port, reuse_port=self.settings.workers > 1, backlog=1024)
+            bound = await listener.start(host, port, reuse_port=reuse_port, backlog=1024)
         except OSError as exc:
             raise OSError(exc.errno, f"proxy listener {proxy_addr}: {exc.strerror or exc}") from exc
         self._proxy = listener
@@ -289,6 +297,23 @@ class FenderApp:
         for service in reversed(self.services):
             await service.stop()
         await self.pool.close()
+
+
+def _check_bindable(name: str, addr: str, reuse_port: bool) -> None:
+    """OSError, as the listener would raise it, if `addr` cannot be bound (in use, say)."""
+    host, port = split_addr(addr)
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, sockaddr in found:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as asyncio's servers do)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(sockaddr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{name} listener {addr}: {exc.strerror or exc}") from exc
 
 
 def _close_later(upstream: Any) -> None:

@@ -164,6 +164,38 @@ def test_listener_address_in_use_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("listener", ["proxy", "admin", "metrics"])
+async def test_a_taken_address_stops_the_start_before_any_service_starts(tmp_path, listener):
+    """A second Fender on the same ports must not resume the first one's sagas before it fails."""
+    import socket
+
+    from config.settings import Settings
+    from proxy.app import FenderApp
+
+    started = []
+
+    class Service:
+        async def start(self) -> None:
+            started.append(self)
+
+        async def stop(self) -> None:
+            pass
+
+    config = tmp_path / "f.yaml"
+    config.write_text("routes: []\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        addrs = {f"{name}_addr": "127.0.0.1:0" for name in ("proxy", "admin", "metrics")}
+        addrs[f"{listener}_addr"] = f"127.0.0.1:{port}"
+        app = FenderApp(Settings(config=str(config), data_dir=str(tmp_path / "d"), **addrs))
+        app.services.append(Service())
+        with pytest.raises(OSError, match=f"{listener} listener 127.0.0.1:{port}: .*in use"):
+            await app.start()
+    assert started == []
+
+
 async def test_stray_bytes_on_an_idle_connection_retire_it(start_fender, http):
     connections = 0
 
