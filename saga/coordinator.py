@@ -511,6 +511,8 @@ class SagaCoordinator:
         comp.status = "failed"
         comp.error = last
         step.status = "compensation_failed"
+        if last["kind"] == "template_error":  # (SPEC 8: it fails the compensation with that kind)
+            return _error("template_error", f"compensation of step {step.name!r}: {last['message']}")
         return _error(
             "compensation_failed",
             f"compensation of step {step.name!r} failed after {comp.attempts} attempt(s): "

@@ -358,8 +358,11 @@ async def test_a_compensation_needing_a_missing_response_parks_with_template_err
     env.participant.on("charge:action", UpstreamReset("broke"))
     record = await env.run(body)
     assert record["status"] == "failed"
-    assert record["error"]["kind"] == "compensation_failed"
-    assert "template_error" in record["error"]["message"]
+    assert record["error"]["step"] == "charge"
+    assert record["error"]["kind"] == "template_error"  # (SPEC 8), not compensation_failed
+    assert "steps.charge.response.body.id" in record["error"]["message"]
+    charge = record["steps"][1]
+    assert charge["status"] == "compensation_failed" and charge["compensation"]["attempts"] == 0
 
 
 async def test_observer_sees_start_steps_and_finish(env: Env) -> None:
