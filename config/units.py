@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, WithJsonSchema
 
-__all__ = ["parse_duration", "parse_rate", "parse_size", "Duration", "Rate", "Size", "DURATION_SCHEMA"]
+__all__ = ["parse_duration", "parse_rate", "parse_size", "Duration", "Rate", "Size", "DURATION_SCHEMA",
+           "MAX_DURATION", "MIN_RATE"]
+
+MAX_DURATION = 365 * 86400.0
+MIN_RATE = 1 / 86400
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -34,6 +38,10 @@ def parse_duration(value: Any) -> float:
         raise ValueError("a duration is a string such as '250ms' or '2s', or a number of seconds")
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError("a duration must be a finite, non-negative number of seconds")
+    if seconds > MAX_DURATION:
+        # (no timeout, breaker or saga deadline needs more; a larger one is a typo, and
+        # would overflow the dates and Retry-After values computed from it)
+        raise ValueError("a duration must be at most 365 days (8760h)")
     return seconds
 
 
@@ -52,6 +60,8 @@ def parse_rate(value: Any) -> float:
         raise ValueError("a rate is a string such as '100/s' or '6000/m'")
     if not rate > 0 or rate == float("inf"):
         raise ValueError("a rate must be greater than zero")
+    if rate < MIN_RATE:
+        raise ValueError("a rate must be at least one a day (1/86400 per second)")  # (see MAX_DURATION)
     return rate
 
 
@@ -73,13 +83,14 @@ def parse_size(value: Any) -> int:
     return size
 
 
-DURATION_SCHEMA = {"anyOf": [{"type": "string", "pattern": _DURATION.pattern}, {"type": "number", "minimum": 0}]}
+DURATION_SCHEMA = {"anyOf": [{"type": "string", "pattern": _DURATION.pattern},
+                             {"type": "number", "minimum": 0, "maximum": MAX_DURATION}]}
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(DURATION_SCHEMA)]
 Rate = Annotated[
     float,
     BeforeValidator(parse_rate),
     WithJsonSchema(
-        {"anyOf": [{"type": "string", "pattern": _RATE.pattern}, {"type": "number", "exclusiveMinimum": 0}]}
+        {"anyOf": [{"type": "string", "pattern": _RATE.pattern}, {"type": "number", "minimum": MIN_RATE}]}
     ),
 ]
 Size = Annotated[

@@ -89,7 +89,7 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
             return _error(400, "bad_request", str(exc))
         try:
             body = await request.json(loads=json.loads)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             return _error(
                 400, "invalid_saga", "the body is not valid JSON",
                 errors=[{"loc": "", "msg": "the body is not valid JSON"}],

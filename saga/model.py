@@ -40,7 +40,13 @@ UNKNOWN_OUTCOME = frozenset({"timeout", "deadline_exceeded", "upstream_reset", "
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        # (a journal written before durations were bounded may hold a deadline past year 9999:
+        # its record must still show; config.units now refuses such a duration)
+        when = datetime.max.replace(tzinfo=UTC) if ts > 0 else datetime.min.replace(tzinfo=UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def definition_hash(payload: dict[str, Any]) -> str:

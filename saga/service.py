@@ -43,6 +43,20 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     return [issue.as_dict() for issue in validation_issues(exc)]
 
 
+MAX_DEPTH = 64  # JSON objects and arrays within one another, in a POST /v1/sagas body
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests objects/arrays more than `limit` deep (without recursing)."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):  # (after k turns, `level` holds the containers k+1 deep)
+        if not level:
+            return False
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, dict | list)]
+    return bool(level)
+
+
 class SagaService:
     def __init__(
         self,
@@ -87,6 +101,10 @@ class SagaService:
         """Validate a `POST /v1/sagas` body into a new saga; SagaInvalid with located errors."""
         if not isinstance(body, dict):
             raise SagaInvalid([{"loc": "", "msg": "the body must be a JSON object"}])
+        if _deeper_than(body, MAX_DEPTH):
+            # (the journal serialises the definition: beyond some depth that fails, and it
+            # must fail here, as the client's error, not later as the store's)
+            raise SagaInvalid([{"loc": "", "msg": f"the body nests deeper than {MAX_DEPTH} levels"}])
         try:
             request = SagaRequestModel.model_validate(body)
         except ValidationError as exc:

@@ -113,6 +113,17 @@ routes:
         load_text(text.replace("{open_for: 10m}", "{open_for: 10m, max_open_for: 5m}"))
 
 
+@pytest.mark.parametrize(("policy", "message"), [
+    ("circuit_breaker: {open_for: 1.0e+300, max_open_for: 1.0e+300}", "at most 365 days"),
+    ("timeout: 8761h", "at most 365 days"),
+    ("rate_limit: {rate: 1.0e-300}", "at least one a day"),
+])
+def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message):
+    # (they overflowed dates, and made Retry-After a number of three hundred digits)
+    with pytest.raises(ConfigInvalid, match=rf"routes\[0\]\.chain\[0\]\..*{message}"):
+        load_text(f"routes: [{{name: a, upstream: http://x, chain: [{{{policy}}}]}}]")
+
+
 def test_failure_rate_windows():
     text = """
 routes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from config.saga_models import SagaTemplateModel
 from saga.invoker import RouteResponse
+from saga.model import iso
 from saga.openapi import openapi_fragment
 from tests.test_saga_coordinator import Env, reply, saga_body
 
@@ -92,6 +94,10 @@ async def test_idempotent_create(api: tuple[TestClient, Env]) -> None:
         (lambda b: b["steps"][0]["action"].update(body={"k": "{{secret.x}}"}), "steps[0].action.body", "unknown placeholder"),
         (lambda b: b["steps"][0].update(timeout="5 parsecs"), "steps[0].timeout", "invalid duration"),
         (lambda b: b.update(deadline="soon"), "deadline", "invalid duration"),
+        # (a deadline past year 9999 once ran the saga, then broke its record and the listing)
+        (lambda b: b.update(deadline="99999999h"), "deadline", "at most 365 days"),
+        (lambda b: b.update(deadline=1e308), "deadline", "at most 365 days"),
+        (lambda b: b.update(input={"x": json.loads("[" * 100 + "]" * 100)}), "", "nests deeper than 64 levels"),
         (lambda b: b["steps"][0]["action"].update(body={"k": "{{steps.ship.response.body.id}}"}),
          "steps[0].action.body.k", "later step 'ship'"),
         (lambda b: b["steps"][0].update(colour="red"), "steps[0].colour", "unknown key"),
@@ -122,6 +128,20 @@ async def test_a_body_that_is_not_json_is_rejected(api: tuple[TestClient, Env]) 
     resp = await client.post("/v1/sagas", data=b"{nope", headers={"Content-Type": "application/json"})
     assert resp.status == 400
     assert (await resp.json())["error"] == "invalid_saga"
+
+
+async def test_a_body_nested_past_the_json_decoder_is_rejected(api: tuple[TestClient, Env]) -> None:
+    client, _ = api
+    resp = await client.post("/v1/sagas", data=b"[" * 100_000 + b"]" * 100_000,
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 400  # the client's error, not 503 saga_store_unavailable
+    assert (await resp.json())["error"] == "invalid_saga"
+
+
+def test_a_journaled_deadline_past_year_9999_still_shows():
+    # (journals written before durations were bounded may hold one)
+    assert iso(1e308) == "9999-12-31T23:59:59.999Z"
+    assert iso(1795278278.145) == "2026-11-21T16:24:38.145Z"
 
 
 async def test_listing_pages_with_a_cursor_and_filters_by_status(api: tuple[TestClient, Env]) -> None:
