@@ -91,6 +91,8 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
         raw = yaml.load(raw_bytes, Loader=YamlLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigInvalid([_yaml_issue(exc)], source) from exc
+    except RecursionError as exc:  # (PyYAML builds nested collections recursively)
+        raise ConfigInvalid([ConfigIssue("", "the YAML nests too deeply to be a config")], source) from exc
     if raw is None:
         # most often a file caught half-written by a reload; an explicit `routes: []` is fine
         raise ConfigInvalid([ConfigIssue("", "the config is empty (write `routes: []` to route nothing)")], source)

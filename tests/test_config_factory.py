@@ -124,6 +124,11 @@ def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message
         load_text(f"routes: [{{name: a, upstream: http://x, chain: [{{{policy}}}]}}]")
 
 
+def test_yaml_nested_past_the_parser_is_one_error_not_a_traceback():
+    with pytest.raises(ConfigInvalid, match="nests too deeply"):
+        load_text("routes: []\na: " + "[" * 5000 + "]" * 5000)
+
+
 def test_failure_rate_windows():
     text = """
 routes:
