@@ -197,6 +197,11 @@ class ProxyHandler:
     async def _request_body(
         self, request: Exchange, route: RouteRuntime, ctx: RequestContext
     ) -> bytes | AsyncIterator[bytes] | aiohttp.StreamReader:
+        coding = request.headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # aiohttp's parser takes `gzip, chunked` as chunked and drops the gzip: the upstream
+            # would get gzip bytes as the content. Only chunked is understood here.
+            raise HttpProcessingError(message=f"Transfer-Encoding {coding!r} is not supported (only chunked)")
         if request.headers.get("expect", "").lower() == "100-continue":
             request.send_continue()
         limit = route.buffer_limit

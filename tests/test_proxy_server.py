@@ -237,3 +237,20 @@ async def test_a_refused_request_is_answered_even_while_the_client_keeps_sending
         await reader.read()  # and the connection ends after it
     sender.cancel()
     writer.close()
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked"])
+async def test_a_transfer_coding_other_than_chunked_is_refused_not_dropped(proxy, coding):
+    # aiohttp's parser reads `gzip, chunked` as chunked: the gzip coding would be lost and the
+    # upstream would take the compressed bytes for the content
+    data = await exchange(proxy, b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding
+                          + b"\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400") and b"x-fender-error: bad_request" in data
+    assert b"only chunked" in data
+    assert b"POST /up" not in data  # the upstream echoes what reached it: nothing did
+
+
+async def test_a_chunked_body_in_any_letter_case_is_still_forwarded(proxy):
+    data = await exchange(proxy, b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+                                 b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"POST /up 5")
