@@ -30,6 +30,8 @@ __all__ = [
     "RateLimitModel",
     "BulkheadModel",
     "FallbackModel",
+    "check_token",
+    "check_header_fields",
     "PolicyModel",
     "POLICY_KINDS",
     "RETRY_CONDITIONS",
@@ -206,6 +208,30 @@ class BulkheadModel(Frozen):
     queue_timeout: Duration = 0.0
 
 
+# RFC 9110 section 5.6.2: header names and methods are tokens
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 section 5.5: a field value holds no control character but HTAB. CR or LF would
+# split the head (encode_head refuses them, but only once a client is waiting for the answer).
+_FIELD_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_token(value: str, what: str) -> str:
+    """`value` if it is an HTTP token, else ValueError naming it as `what` (say "method")."""
+    if _TOKEN.fullmatch(value) is None:
+        raise ValueError(f"{what} {value!r} is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)")
+    return value
+
+
+def check_header_fields(headers: dict[str, str]) -> dict[str, str]:
+    """`headers` if every name is a token and no value holds a control character, else ValueError."""
+    for name, value in headers.items():
+        check_token(name, "header name")
+        if _FIELD_CONTROL.search(value):
+            # the value is not repeated: it may be a credential, and errors are shown by the admin API
+            raise ValueError(f"the value of header {name!r} holds a control character (only tab is allowed)")
+    return headers
+
+
 class FallbackModel(Frozen):
     on: tuple[str, ...] = ("circuit_open", "timeout", "5xx")
     status: int = Field(200, ge=100, le=599)
@@ -219,6 +245,14 @@ class FallbackModel(Frozen):
             if item not in FALLBACK_KINDS:
                 raise ValueError(f"unknown failure kind {item!r}; use one of {', '.join(FALLBACK_KINDS)}")
         return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(name.lower() == "transfer-encoding" for name in value):
+            # the server frames the body with Content-Length: both would desync the client
+            raise ValueError("Transfer-Encoding is not a fallback header: Fender frames the body itself")
+        return check_header_fields(value)
 
 
 POLICY_KINDS: dict[str, type[Frozen]] = {

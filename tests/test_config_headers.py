@@ -1,0 +1,96 @@
+"""Header names, values and methods from the config: refused with their place unless HTTP allows them."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from config.loader import ConfigInvalid, load_text
+from proxy.cli import main
+
+TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def fallback_config(headers: str) -> str:
+    return textwrap.dedent(f"""
+        routes:
+          - name: r
+            upstream: http://127.0.0.1:9
+            chain:
+              - fallback: {{on: [5xx], status: 200, headers: {headers}, body: fb}}
+    """)
+
+
+def issues(text: str) -> list[str]:
+    with pytest.raises(ConfigInvalid) as caught:
+        load_text(text)
+    return [str(e) for e in caught.value.errors]
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        (r'{"X-A": "a\r\nSet-Cookie: evil=1"}', "'X-A'"),
+        (r'{"X-A": "a\nb"}', "'X-A'"),
+        (r'{"X-A": "a\0b"}', "'X-A'"),
+        (r'{"X-A": "a\x01b"}', "'X-A'"),
+        (r'{"X-A": "a\x7fb"}', "'X-A'"),
+        ('{"Bad Name": v}', "'Bad Name'"),
+        ('{"": v}', "''"),
+        ('{"X-A:": v}', "'X-A:'"),
+        (r'{"X-A\r\nSet-Cookie": v}', r"'X-A\r\nSet-Cookie'"),
+        ('{"Caf\u00e9": v}', "'Caf\u00e9'"),
+    ],
+)
+def test_fallback_headers_that_http_forbids_are_located_errors(headers, named):
+    [issue] = issues(fallback_config(headers))
+    loc, _, msg = issue.partition(": ")
+    assert loc == "routes[0].chain[0].fallback.headers"
+    assert named in msg
+    assert "\r" not in issue and "\n" not in issue  # one line, whatever the config held
+
+
+@pytest.mark.parametrize("name", ["Transfer-Encoding", "transfer-encoding"])
+def test_a_fallback_cannot_set_transfer_encoding(name):
+    # (Fender frames the body with Content-Length; a chunked coding beside it desyncs the client)
+    [issue] = issues(fallback_config(f"{{{name}: chunked}}"))
+    assert issue.startswith("routes[0].chain[0].fallback.headers: Transfer-Encoding")
+
+
+def test_a_header_value_is_never_repeated_in_the_error():
+    # (errors are shown by the admin API; a header value may be a credential)
+    [issue] = issues(fallback_config(r'{"X-Token": "s3cret\n"}'))
+    assert "s3cret" not in issue
+
+
+def test_every_token_character_tab_and_non_ascii_values_are_accepted():
+    loaded = load_text(fallback_config(f'{{"{TCHARS}": "a\\tb caf\u00e9 !\\"#~", x-empty: ""}}'))
+    [item] = loaded.config.routes[0].chain or ()
+    assert not isinstance(item, str) and item.fallback is not None
+    assert item.fallback.headers[TCHARS] == 'a\tb caf\u00e9 !"#~'
+
+
+def test_a_shared_fallback_is_located_under_its_name():
+    [issue] = issues("""
+        policies:
+          fb: {fallback: {headers: {"Bad Name": v}}}
+        routes: []
+    """)
+    assert issue.startswith("policies.fb.fallback.headers: ")
+
+
+def test_fender_check_prints_the_located_error(tmp_path, capsys):
+    path = tmp_path / "fender.yaml"
+    path.write_text(fallback_config(r'{"X-A": "a\r\nSet-Cookie: evil=1", "Bad Name": "v"}'))
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("routes[0].chain[0].fallback.headers: ") for line in out)
+
+
+async def test_reload_refuses_bad_fallback_headers_and_keeps_the_last_good_config(start_fender):
+    fender = await start_fender(fallback_config('{"X-A": "a"}'))
+    fender.config_path.write_text(fallback_config(r'{"X-A": "a\r\nSet-Cookie: evil=1"}'))
+    result = await fender.app.reload("api")
+    assert not result.ok
+    assert [e.loc for e in result.errors] == ["routes[0].chain[0].fallback.headers"]
