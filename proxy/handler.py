@@ -149,11 +149,14 @@ class ProxyHandler:
                     status = 400
                     request.respond_with(_unreadable_body(exc, route.name, ctx.attempts))
                     return
-                status = outcome.status
                 if outcome.body is not None:
                     outcome_kind = "fallback"
+                    # status stays 500 until the response is written: if writing raises, the
+                    # server answers 500 internal_error, and that is what the client got
                     self._static(request, outcome, route, ctx)
+                    status = outcome.status
                     return
+                status = outcome.status
                 if status >= 500:
                     outcome_kind = "upstream_error"
                 upstream: UpstreamResponse = outcome.response

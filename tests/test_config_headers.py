@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
+from bench.procs import free_port
 from config.loader import ConfigInvalid, load_text
+from policies.fallback import FallbackPolicy
 from proxy.cli import main
+from proxy.observer import NullObserver
 
 TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -94,3 +98,29 @@ async def test_reload_refuses_bad_fallback_headers_and_keeps_the_last_good_confi
     result = await fender.app.reload("api")
     assert not result.ok
     assert [e.loc for e in result.errors] == ["routes[0].chain[0].fallback.headers"]
+
+
+async def test_a_fallback_that_cannot_be_written_is_recorded_as_the_500_the_client_got(
+    start_fender, http, monkeypatch
+):
+    # (config validation keeps such headers out; a policy built another way must still be counted
+    # as what the client saw, not as the fallback's 200)
+    recorded: list[tuple[int, str]] = []
+
+    def request_finished(self, ctx, method, path, status, outcome, duration):
+        recorded.append((status, outcome))
+
+    monkeypatch.setattr(NullObserver, "request_finished", request_finished)
+    fallback = FallbackPolicy(on=["upstream_unavailable"], headers={"X-A": "a\r\nSet-Cookie: evil=1"}, body="fb")
+
+    class Factory:
+        def build(self, config):
+            return {r.name: SimpleNamespace(policies=[("fallback", fallback)], buffer_limit=0)
+                    for r in config.routes}
+
+    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{free_port()}'}}]",
+                                factory=Factory())
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 500
+        assert "set-cookie" not in resp.headers
+    assert recorded == [(500, "fallback")]
