@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from config.policy_models import Frozen, PolicyModel, or_shorthand
+from config.policy_models import Frozen, PolicyModel, check_header_fields, or_shorthand
 from config.saga_models import SagaTemplateModel
 from config.units import Duration
 
@@ -114,7 +114,8 @@ class MatchModel(Frozen):
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return {k.lower(): v for k, v in value.items()}
+        # (the parser refuses requests with such names or values: the route could never match)
+        return {k.lower(): v for k, v in check_header_fields(value).items()}
 
 
 class RouteModel(Frozen):

@@ -124,3 +124,20 @@ async def test_a_fallback_that_cannot_be_written_is_recorded_as_the_500_the_clie
         assert resp.status == 500
         assert "set-cookie" not in resp.headers
     assert recorded == [(500, "fallback")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [('{"x tenant": acme}', "'x tenant'"), (r'{x-tenant: "acme\r\n"}', "'x-tenant'"), ('{"": a}', "''")],
+)
+def test_match_headers_that_no_request_can_carry_are_located_errors(headers, named):
+    # (the parser refuses such requests, so the route could never match)
+    [issue] = issues(f"routes: [{{name: r, upstream: 'http://127.0.0.1:9', match: {{headers: {headers}}}}}]")
+    loc, _, msg = issue.partition(": ")
+    assert loc == "routes[0].match.headers"
+    assert named in msg
+
+
+def test_match_headers_still_ignore_case_in_names():
+    loaded = load_text("routes: [{name: r, upstream: 'http://127.0.0.1:9', match: {headers: {X-Tenant: 'a\tb'}}}]")
+    assert loaded.config.routes[0].match.headers == {"x-tenant": "a\tb"}
