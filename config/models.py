@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from config.policy_models import Frozen, PolicyModel, check_header_fields, or_shorthand
+from config.policy_models import Frozen, PolicyModel, check_header_fields, check_token, or_shorthand
 from config.saga_models import SagaTemplateModel
 from config.units import Duration
 
@@ -109,7 +109,9 @@ class MatchModel(Frozen):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        return None if value is None else tuple(m.upper() for m in value)
+        # any token is a method (PURGE, M-SEARCH); anything else can never arrive, and the
+        # route would silently never match
+        return None if value is None else tuple(check_token(m, "method").upper() for m in value)
 
     @field_validator("headers")
     @classmethod

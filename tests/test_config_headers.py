@@ -141,3 +141,19 @@ def test_match_headers_that_no_request_can_carry_are_located_errors(headers, nam
 def test_match_headers_still_ignore_case_in_names():
     loaded = load_text("routes: [{name: r, upstream: 'http://127.0.0.1:9', match: {headers: {X-Tenant: 'a\tb'}}}]")
     assert loaded.config.routes[0].match.headers == {"x-tenant": "a\tb"}
+
+
+@pytest.mark.parametrize(("method", "shown"), [('"B AD"', "'B AD'"), ('""', "''"), ('"GET\\r\\n"', r"'GET\r\n'"),
+                                               ('"G(ET)"', "'G(ET)'"), ('"GÉT"', "'GÉT'")])
+def test_a_method_that_is_not_an_http_token_is_a_located_error(method, shown):
+    [issue] = issues(f"routes: [{{name: r, upstream: 'http://127.0.0.1:9', match: {{methods: [GET, {method}]}}}}]")
+    loc, _, msg = issue.partition(": ")
+    assert loc == "routes[0].match.methods"
+    assert shown in msg
+
+
+def test_any_token_is_a_method():
+    # (methods are extensible: PURGE, M-SEARCH and the like are legal, and so is a typo such as GETT)
+    loaded = load_text("routes: [{name: r, upstream: 'http://127.0.0.1:9', "
+                       "match: {methods: [get, PURGE, M-SEARCH, GETT]}}]")
+    assert loaded.config.routes[0].match.methods == ("GET", "PURGE", "M-SEARCH", "GETT")
