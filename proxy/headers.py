@@ -16,19 +16,24 @@ HOP_BY_HOP = tuple(
     )
 )
 
+# end-to-end fields a `Connection` option may not remove (RFC 9110 section 7.6.1: a sender
+# must not name a field meant for all recipients): without Host an HTTP/1.1 request is
+# invalid, and Content-Length is what frames a streamed request body upstream
+_NEVER_HOP = frozenset(("host", "content-length"))
+
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     tokens: set[str] = set()
     for value in headers.getall("connection", ()):
         for token in value.split(","):
             token = token.strip().lower()
-            if token:
+            if token and token not in _NEVER_HOP:
                 tokens.add(token)
     return frozenset(tokens)
 
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers and those named in `Connection`."""
+    """A copy without hop-by-hop headers and those named in `Connection` (but Host and Content-Length)."""
     out: CIMultiDict[str] = CIMultiDict(headers)  # one C-level copy; then drop the few hop headers
     if "connection" in out:
         for token in _connection_tokens(out):
