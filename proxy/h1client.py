@@ -26,6 +26,7 @@ from proxy.headers import content_length
 __all__ = ["ConnectionPool", "UpstreamResponse", "ConnectFailed", "ResponseFailed"]
 
 _READ_LIMIT = 2**16
+_NO_FLOW_CONTROL = 2**30  # a limit no re-parse reaches (see `_first_response`)
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 
@@ -38,11 +39,12 @@ class ResponseFailed(Exception):
     """The connection broke, or the answer was not HTTP, before a full response head."""
 
 
-def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_body: bool) -> Any:
+def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_body: bool,
+                 limit: int = _READ_LIMIT) -> Any:
     return HttpResponseParser(
         protocol,
         loop,
-        _READ_LIMIT,
+        limit,
         payload_exception=aiohttp.ClientPayloadError,
         response_with_body=with_body,
         read_until_eof=True,
@@ -63,7 +65,7 @@ class UpstreamConnection(ProxyProtocol):
         self._waiter: asyncio.Future[tuple[Any, aiohttp.StreamReader]] | None = None
         self._payload: aiohttp.StreamReader | None = None
         self._should_close = False
-        self._received = False
+        self._received = b""
         self.reused = False
         self._sent_all = True
 
@@ -79,7 +81,7 @@ class UpstreamConnection(ProxyProtocol):
             self._parser = self._head_parser
         else:
             self._parser = self._body_parser
-        self._received = False
+        self._received = b""
         self._waiter = self._loop.create_future()
         return self._waiter
 
@@ -93,13 +95,10 @@ class UpstreamConnection(ProxyProtocol):
             # bytes on an idle connection answer nothing we sent: never parse a later reply after them
             self.close()
             return
-        else:
-            self._received = True
         try:
             messages, _upgraded, _tail = self._parser.feed_data(data)  # type: ignore[union-attr]
         except Exception as exc:
-            self._fail(ResponseFailed(f"invalid HTTP response: {exc}"))
-            self.close()
+            self._refused(data, exc)
             return
         for message, payload in messages:
             if 100 <= message.code < 200 and message.code != 101:
@@ -113,6 +112,27 @@ class UpstreamConnection(ProxyProtocol):
                 return
             payload.on_eof(self._message_done)
             waiter.set_result((message, payload))
+        if self._waiter is not None:
+            self._received += data  # the head is not whole yet: kept for `_refused`
+
+    def _refused(self, data: bytes, exc: Exception) -> None:
+        """The parser refused bytes: relay the response they may complete first, and end the connection.
+
+        aiohttp's C parser drops the messages it completed in a feed that goes on to fail, so a
+        whole response followed by stray bytes in the same read (a body after a 204, more than
+        Content-Length) is parsed again from its first byte, without what follows it.
+        """
+        self.close()  # whatever followed a response must never be taken for the next one
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        self._received += data
+        answer = _first_response(self._received, self, self._loop, self._parser is self._body_parser)
+        if answer is None:
+            self._fail(ResponseFailed(f"invalid HTTP response: {exc}"))
+        else:
+            self._waiter = None
+            waiter.set_result(answer)
 
     def _message_done(self) -> None:
         self._payload = None
@@ -153,6 +173,36 @@ class UpstreamConnection(ProxyProtocol):
     async def drain(self) -> None:
         if self._paused:
             await self._drain_helper()
+
+
+def _first_response(
+    data: bytes, protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_body: bool
+) -> tuple[Any, aiohttp.StreamReader] | None:
+    """The whole final response `data` starts with, if any, parsed apart from the bytes after it.
+
+    `data` as a whole is refused. A prefix that ends before the response does is incomplete,
+    and one that reaches into refused bytes is refused too, so the shortest prefix that is
+    neither is found by bisection (some log2(len(data)) parses, on an error path only).
+    """
+    answer = None  # what data[:high] parses to
+    low, high = 1, len(data)
+    while low < high:
+        middle = (low + high) // 2
+        # all the bytes are here, and a pause would reach the connection's own parser (through
+        # `protocol`): no flow control
+        parser = _make_parser(protocol, loop, with_body, _NO_FLOW_CONTROL)
+        try:
+            messages = parser.feed_data(data[:middle])[0]
+        except Exception:
+            answer, high = None, middle
+            continue
+        # (interim responses are skipped, as in `data_received`)
+        final = next((found for found in messages if not 100 <= found[0].code < 200 or found[0].code == 101), None)
+        if final is None or not final[1].is_eof():
+            low = middle + 1
+        else:
+            answer, high = final, middle
+    return answer
 
 
 class UpstreamResponse:
