@@ -36,7 +36,7 @@ class ConnectFailed(Exception):
 
 
 class ResponseFailed(Exception):
-    """The connection broke, or the answer was not HTTP, before a full response head."""
+    """The connection broke, or the answer was not HTTP (or a 101), before a full response head."""
 
 
 def _make_parser(protocol: BaseProtocol, loop: asyncio.AbstractEventLoop, with_body: bool,
@@ -101,7 +101,10 @@ class UpstreamConnection(ProxyProtocol):
             self._refused(data, exc)
             return
         for message, payload in messages:
-            if 100 <= message.code < 200 and message.code != 101:
+            if 100 <= message.code < 200:
+                if message.code == 101:
+                    self._switched(data)
+                    return
                 continue  # interim responses (100 Continue, 103 Early Hints): the final one follows
             if message.should_close or not self._sent_all:
                 self._should_close = True  # (an answer before the whole body was sent ends it too)
@@ -114,6 +117,12 @@ class UpstreamConnection(ProxyProtocol):
             waiter.set_result((message, payload))
         if self._waiter is not None:
             self._received += data  # the head is not whole yet: kept for `_refused`
+
+    def _switched(self, data: bytes) -> None:
+        """A 101: Fender strips Upgrade from requests and never switches protocols, so it is broken."""
+        self._received += data  # (an answer: not a kept-alive connection the upstream had closed)
+        self._fail(ResponseFailed("an unrequested 101 Switching Protocols"))
+        self.close()
 
     def _refused(self, data: bytes, exc: Exception) -> None:
         """The parser refused bytes: relay the response they may complete first, and end the connection.
@@ -128,7 +137,7 @@ class UpstreamConnection(ProxyProtocol):
             return
         self._received += data
         answer = _first_response(self._received, self, self._loop, self._parser is self._body_parser)
-        if answer is None:
+        if answer is None or answer[0].code == 101:  # (see `_switched`)
             self._fail(ResponseFailed(f"invalid HTTP response: {exc}"))
         else:
             self._waiter = None

@@ -111,3 +111,43 @@ async def test_an_invalid_answer_on_a_kept_alive_connection_is_not_tried_again_b
     finally:
         await pool.close()
         server.close()
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        SWITCHING,
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["upgrade", "bare", "then-200"],
+)
+async def test_an_unrequested_101_is_a_reset(start_fender, http, answer):
+    # Fender strips Upgrade from requests: a 101 is the upstream's bug, like a reset before a response
+    server, port, heads, connections = await scripted(answer)
+    fender = await start_fender(RETRYING.format(port=port))
+    async with asyncio.timeout(5):
+        async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+            assert resp.status == 502
+            assert resp.headers["x-fender-error"] == "upstream_reset"
+            assert resp.headers["x-fender-attempts"] == "3"
+            assert (await resp.json())["error"] == "upstream_reset"
+    assert len(heads) == 3
+    assert len(connections) == 3  # never reused after a 101
+    server.close()
+
+
+async def test_a_client_is_never_sent_a_101_it_did_not_ask_for(start_fender):
+    server, port, _, _ = await scripted(SWITCHING)
+    fender = await start_fender(f"routes: [{{name: s, upstream: 'http://127.0.0.1:{port}'}}]")
+    reader, writer = await asyncio.open_connection(*fender.app.addresses["proxy"])
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 502 ")
+        assert b"\r\ncontent-length: " in head.lower()  # a whole answer: the client does not wait on
+    writer.close()
+    server.close()
