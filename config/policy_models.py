@@ -234,7 +234,7 @@ def check_header_fields(headers: dict[str, str]) -> dict[str, str]:
 
 class FallbackModel(Frozen):
     on: tuple[str, ...] = ("circuit_open", "timeout", "5xx")
-    status: int = Field(200, ge=100, le=599)
+    status: int = Field(200, ge=200, le=599)  # (a 1xx is no final answer: the client would wait on)
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | dict[str, Any] | list[Any] = ""
 

@@ -157,3 +157,10 @@ def test_any_token_is_a_method():
     loaded = load_text("routes: [{name: r, upstream: 'http://127.0.0.1:9', "
                        "match: {methods: [get, PURGE, M-SEARCH, GETT]}}]")
     assert loaded.config.routes[0].match.methods == ("GET", "PURGE", "M-SEARCH", "GETT")
+
+
+@pytest.mark.parametrize("status", [100, 101, 199])
+def test_a_fallback_status_is_a_final_one(status):
+    # (a 1xx is interim: the client would go on waiting for the answer)
+    found = issues(fallback_config("{}").replace("status: 200", f"status: {status}"))
+    assert found and all(line.startswith("routes[0].chain[0].fallback.status") for line in found)
