@@ -172,6 +172,14 @@ class ProxyHandler:
                 outcome_kind = "client_abort"
                 status = 499
                 raise
+            except ConnectionError:  # the client went away while its response was written
+                outcome_kind = "client_abort"
+                status = 499
+                raise
+            except Exception:  # a bug: the server answers 500 internal_error (ProxyListener)
+                outcome_kind = "internal_error"
+                status = 500
+                raise
             finally:
                 observer.request_finished(ctx, method, path, status, outcome_kind, perf_counter() - timer)
         finally:

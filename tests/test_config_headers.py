@@ -104,7 +104,7 @@ async def test_a_fallback_that_cannot_be_written_is_recorded_as_the_500_the_clie
     start_fender, http, monkeypatch
 ):
     # (config validation keeps such headers out; a policy built another way must still be counted
-    # as what the client saw, not as the fallback's 200)
+    # as what the client saw, not as the fallback's 200, and as Fender's failure)
     recorded: list[tuple[int, str]] = []
 
     def request_finished(self, ctx, method, path, status, outcome, duration):
@@ -123,7 +123,7 @@ async def test_a_fallback_that_cannot_be_written_is_recorded_as_the_500_the_clie
     async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
         assert resp.status == 500
         assert "set-cookie" not in resp.headers
-    assert recorded == [(500, "fallback")]
+    assert recorded == [(500, "internal_error")]  # (what happened: Fender failed to answer)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +164,4 @@ def test_a_fallback_status_is_a_final_one(status):
     # (a 1xx is interim: the client would go on waiting for the answer)
     found = issues(fallback_config("{}").replace("status: 200", f"status: {status}"))
     assert found and all(line.startswith("routes[0].chain[0].fallback.status") for line in found)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -12,6 +13,7 @@ from multidict import CIMultiDict
 
 from bench.procs import free_port
 from proxy.h1client import ConnectionPool
+from proxy.observer import NullObserver
 from tests.support.processes import FENDER
 from tests.support.raw_server import raw_server
 
@@ -255,3 +257,25 @@ async def test_the_callers_content_length_in_any_case_gives_way_to_the_body_sent
     finally:
         await pool.close()
         server.close()
+
+
+async def test_a_bug_in_a_chain_is_recorded_as_internal_error(start_fender, http, monkeypatch):
+    recorded: list[tuple[int, str]] = []
+
+    def request_finished(self, ctx, method, path, status, outcome, duration):
+        recorded.append((status, outcome))
+
+    monkeypatch.setattr(NullObserver, "request_finished", request_finished)
+
+    async def broken(inner, ctx):  # a policy with a bug
+        raise RuntimeError("a bug")
+
+    class Factory:
+        def build(self, config):
+            return {r.name: SimpleNamespace(policies=[("broken", broken)], buffer_limit=0) for r in config.routes}
+
+    fender = await start_fender(f"routes: [{{name: r, upstream: 'http://127.0.0.1:{free_port()}'}}]",
+                                factory=Factory())
+    async with http.get(fender.proxy_url + "/", headers={"Host": "x"}) as resp:
+        assert resp.status == 500 and resp.headers["x-fender-error"] == "internal_error"
+    assert recorded == [(500, "internal_error")]  # (it was counted as a success)
