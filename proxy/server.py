@@ -47,10 +47,15 @@ _SWEEP_EVERY = 5.0
 _LINGER_SECONDS = 10.0  # as aiohttp's server: how long an unread request body is read and dropped
 _LINGER_BYTES = 64 * 2**20
 _REFUSAL_LINGER_SECONDS = 2.0  # after a 400, how long what the client still sends is read and dropped
+_NO_FLOW_CONTROL = 2**30  # a limit no re-parse reaches (see `_complete_requests`)
 
 
 class _Refusal:
-    """A request the parser refused, answered in its turn after those before it."""
+    """A request the parser refused, answered in its turn after those before it.
+
+    (Those in the same read as the bad bytes are answered if the read began between two
+    requests, as it almost always does: see `ServerConnection._read_refused`.)
+    """
 
     __slots__ = ("status", "message")
 
@@ -237,15 +242,11 @@ class ServerConnection(ProxyProtocol):
     """One client connection: parse, queue, and serve its requests in order."""
 
     __slots__ = ("server", "remote", "last_active", "_queue", "_task", "_waiter", "_stopped", "_body",
-                 "_last_method")
+                 "_last", "_last_read")
 
     def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
         # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded)
-        parser = HttpRequestParser(
-            self, loop, _READ_LIMIT, max_line_size=8190, max_field_size=8190, auto_decompress=False,
-            max_msg_queue_size=_MAX_QUEUED,
-        )
-        super().__init__(loop, parser)
+        super().__init__(loop, _make_parser(self, loop, _READ_LIMIT, _MAX_QUEUED))
         self.server = server
         self.remote: str | None = None
         self.last_active = loop.time()
@@ -256,7 +257,8 @@ class ServerConnection(ProxyProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._stopped = False  # nothing more is parsed: after an upgrade, a refusal or the close
         self._body: StreamReader | None = None  # the body the parser is filling, if any
-        self._last_method = ""
+        self._last: Any = None  # the head of the last request parsed
+        self._last_read: bytes | None = None  # the bytes last parsed whole, if any (see `_read_refused`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -294,30 +296,55 @@ class ServerConnection(ProxyProtocol):
         try:
             messages, upgraded, tail = self._parser.feed_data(data)  # type: ignore[union-attr]
         except HttpProcessingError as exc:
-            self._stopped = True
-            body = self._body
-            if body is not None and not body.is_eof():
-                body.set_exception(exc)  # (say a malformed chunk): the request reading it fails now
-            self._enqueue([(_Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message), EMPTY_PAYLOAD)])
+            self._read_refused(data, exc)
             return
+        self._last_read = data  # (a reference, no copy: tested only when a read is refused)
         if messages:
-            last = messages[-1][0]
+            last = self._last = messages[-1][0]
             self._body = messages[-1][1]
-            self._last_method = last.method
             self._enqueue(messages)
             if last.upgrade and not upgraded:
                 # aiohttp's parser drops what follows an Upgrade it does not know (h2c, ...):
                 # parse nothing more, and the answer closes the connection
                 self._stopped = True
         if upgraded:
-            if self._last_method == "CONNECT":
+            if self._last.method == "CONNECT":
                 self._stopped = True  # what follows is a tunnel's bytes, not HTTP we parse
             else:
                 # Fender never switches protocols (Upgrade is dropped like any hop-by-hop
                 # header), so what follows an Upgrade request is the next request
                 self._parser.set_upgraded(False)  # type: ignore[union-attr]
+                self._last_read = b""  # (the tail is no read of its own: see `_read_refused`)
                 if tail:
                     self.data_received(tail)
+
+    def _read_refused(self, data: bytes, exc: HttpProcessingError) -> None:
+        """The parser refused a read: queue the requests it completed before the bad bytes, then the 400.
+
+        aiohttp's C parser drops the requests it completed in a feed that goes on to fail, so
+        they are parsed again from the read's first byte, which is only right if the parser
+        stood between two requests when the read came. That is known when this is the first
+        read, or the read before ended in a blank line and the last request had no body: a
+        blank line ends a request head (or lies between requests) but never falls inside one,
+        and in a body the last request would have one. (A read is parsed whole before the
+        next: a parser holding bytes back for a full queue has paused reading, and is fed
+        again with b"" first.) After a request that closes the connection nothing more is
+        parsed. Otherwise only the 400 is queued.
+        """
+        self._stopped = True
+        body = self._body
+        if body is not None and not body.is_eof():
+            body.set_exception(exc)  # (say a malformed chunk): the request reading it fails now
+        last, previous = self._last, self._last_read
+        recovered = []
+        if (data and (previous is None or previous.endswith(b"\r\n\r\n")) and (body is None or body is EMPTY_PAYLOAD)
+                and not (last is not None and last.should_close)):
+            recovered = _complete_requests(data, self, self._loop)
+        if recovered and recovered[-1][0].should_close:
+            self._enqueue(recovered)  # (RFC 9112, 9.6: what follows a close is not answered)
+            return
+        refusal = _Refusal(exc.code if 400 <= exc.code < 500 else 400, exc.message)
+        self._enqueue([*recovered, (refusal, EMPTY_PAYLOAD)])
 
     def _enqueue(self, messages: Any) -> None:
         self._queue.extend(messages)
@@ -466,6 +493,39 @@ class ServerConnection(ProxyProtocol):
         """
         body = self._body
         return body is not None and not body.is_eof() and not self._reading_paused
+
+
+def _make_parser(protocol: ServerConnection, loop: asyncio.AbstractEventLoop, limit: int,
+                 max_queued: int) -> HttpRequestParser:
+    return HttpRequestParser(
+        protocol, loop, limit, max_line_size=8190, max_field_size=8190, auto_decompress=False,
+        max_msg_queue_size=max_queued,
+    )
+
+
+def _complete_requests(data: bytes, protocol: ServerConnection,
+                       loop: asyncio.AbstractEventLoop) -> list[tuple[Any, StreamReader]]:
+    """The whole requests `data` starts with, before the bytes the parser refuses.
+
+    `data` as a whole is refused, and every prefix that stops before the refused byte parses
+    (the parser reads one byte after another), so the longest prefix that parses is found by
+    bisection (some log2(len(data)) parses, on an error path only). The requests are few: the
+    connection's parser, which pauses at _MAX_QUEUED, reached the refused byte.
+    """
+    requests: list[tuple[Any, StreamReader]] = []  # what data[:low] parses to
+    low, high = 0, len(data) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        # all the bytes are here, and a pause would reach the connection's reading (through
+        # `protocol`): no flow control, and each body is fed whole to a reader of its own
+        parser = _make_parser(protocol, loop, _NO_FLOW_CONTROL, 0)
+        try:
+            messages = parser.feed_data(data[:middle])[0]
+        except HttpProcessingError:
+            high = middle - 1
+        else:
+            requests, low = list(messages), middle
+    return [(message, payload) for message, payload in requests if payload.is_eof()]
 
 
 def _send_and_close(conn: ServerConnection, response: web.Response) -> None:
