@@ -298,8 +298,8 @@ class ServerConnection(ProxyProtocol):
         except HttpProcessingError as exc:
             self._read_refused(data, exc)
             return
-        self._last_read = data  # (a reference, no copy: tested only when a read is refused)
         if messages:
+            self._last_read = data  # (a reference, no copy: tested only when a read is refused)
             last = self._last = messages[-1][0]
             self._body = messages[-1][1]
             self._enqueue(messages)
@@ -307,6 +307,12 @@ class ServerConnection(ProxyProtocol):
                 # aiohttp's parser drops what follows an Upgrade it does not know (h2c, ...):
                 # parse nothing more, and the answer closes the connection
                 self._stopped = True
+        elif self._body is None or self._body is EMPTY_PAYLOAD:
+            self._last_read = data  # part of a head (or blank lines)
+        else:
+            # a piece of a body, after which nothing is recovered anyway: not kept, as an idle
+            # connection would keep its upload's last read (up to 256 KiB) alive
+            self._last_read = b""
         if upgraded:
             if self._last.method == "CONNECT":
                 self._stopped = True  # what follows is a tunnel's bytes, not HTTP we parse
