@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from proxy.breaker_resets import ResetAnnouncer, ResetFollower
 from proxy.config_watch import ConfigWatcher, fingerprint, interval_from_env
 from proxy.openapi import openapi_document
 from proxy.redact import redact, redact_url
-from proxy.workers import WORKERS_DIR_ENV
+from proxy.workers import WORKER_INDEX_ENV, shared_directory
 
 if TYPE_CHECKING:
     from proxy.app import FenderApp
@@ -265,7 +264,7 @@ def reset_breaker_named(fender: FenderApp, name: str) -> tuple[CircuitBreakerPol
 
 def _tell_sibling_workers(fender: FenderApp) -> None:
     """With `--workers N` the parent forwards SIGHUP to every worker, so all of them reload."""
-    if fender.settings.workers > 1 and "FENDER_WORKER_INDEX" in os.environ:
+    if fender.settings.workers > 1 and WORKER_INDEX_ENV in os.environ:
         try:
             os.kill(os.getppid(), signal.SIGHUP)
         except OSError:
@@ -286,12 +285,13 @@ def install(fender: FenderApp) -> None:
 
 def _share_resets(fender: FenderApp) -> ResetAnnouncer | None:
     """With `--workers N`: worker 0 announces its breaker resets, the others follow them."""
-    directory = os.environ.get(WORKERS_DIR_ENV)
-    if not directory or fender.settings.workers < 2:
+    shared = shared_directory(fender.settings)
+    if shared is None:
         return None
-    if int(os.environ.get("FENDER_WORKER_INDEX", "0")) == 0:
-        return ResetAnnouncer(Path(directory))
-    fender.worker_services.append(ResetFollower(Path(directory), lambda name: reset_breaker_named(fender, name)))
+    directory, index = shared
+    if index == 0:
+        return ResetAnnouncer(directory)
+    fender.worker_services.append(ResetFollower(directory, lambda name: reset_breaker_named(fender, name)))
     return None
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+from proxy.workers import replace_file
 
 __all__ = ["ResetAnnouncer", "ResetFollower"]
 
@@ -39,10 +40,8 @@ class ResetAnnouncer:
         """False if the other workers cannot be told (the file could not be written)."""
         self._seq += 1
         self._recent.append((self._seq, name))
-        temporary = self.path.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps({"resets": list(self._recent)}))
-            os.replace(temporary, self.path)  # (a follower reads the old file or the new, never half)
+            replace_file(self.path, json.dumps({"resets": list(self._recent)}))
         except OSError as exc:
             log.warning("the other workers were not told of the breaker reset", extra={"breaker": name,
                                                                                        "error": str(exc)})

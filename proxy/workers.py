@@ -20,9 +20,26 @@ from pathlib import Path
 
 from config.settings import Settings
 
-__all__ = ["WORKERS_DIR_ENV", "run_workers"]
+__all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "replace_file", "run_workers", "shared_directory"]
 
 WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # the run's files shared between workers (metrics, breaker resets)
+WORKER_INDEX_ENV = "FENDER_WORKER_INDEX"
+
+
+def shared_directory(settings: Settings) -> tuple[Path, int] | None:
+    """This worker's share of `--workers N`: the run's shared directory and its index (0 serves
+    the admin API and /metrics); None when running alone or without the directory."""
+    directory = os.environ.get(WORKERS_DIR_ENV)
+    if not directory or settings.workers < 2:
+        return None
+    return Path(directory), int(os.environ.get(WORKER_INDEX_ENV, "0"))
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a reader sees the old file or the new, never half); OSError."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def run_workers(settings: Settings) -> int:
@@ -75,7 +92,7 @@ def _supervise(settings: Settings) -> int:
             # SIG_IGN would lose a reload that reached it before its loop ran
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, remember_signal)
-            os.environ["FENDER_WORKER_INDEX"] = str(index)
+            os.environ[WORKER_INDEX_ENV] = str(index)
             os._exit(_child(settings, index))
         children[pid] = index
     status = 0

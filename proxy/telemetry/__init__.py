@@ -11,15 +11,14 @@ observer is left on `app.saga_observer` for the saga wiring to pick up.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from proxy.telemetry.access_log import AccessLog, stdout_writer
 from proxy.telemetry.metrics import FenderMetrics, breaker_states
 from proxy.telemetry.observer import SagaTelemetry, TelemetryObserver
-from proxy.telemetry.peers import WORKERS_DIR_ENV, SnapshotWriter, read_peers
+from proxy.telemetry.peers import SnapshotWriter, read_peers
 from proxy.telemetry.tracing import Tracing
+from proxy.workers import shared_directory
 
 __all__ = ["Telemetry", "install"]
 
@@ -84,12 +83,12 @@ def install(app: Any, *, access_log_write: Any = None) -> Telemetry:
 
 def _share_between_workers(app: Any, metrics: FenderMetrics) -> None:
     """With `--workers N`: worker 0's /metrics adds the other workers' numbers (`peers`)."""
-    directory = os.environ.get(WORKERS_DIR_ENV)
-    if not directory or app.settings.workers < 2:
+    shared = shared_directory(app.settings)
+    if shared is None:
         return
-    index = int(os.environ.get("FENDER_WORKER_INDEX", "0"))
+    directory, index = shared
     if index == 0:
         workers = app.settings.workers
-        metrics.add_peers(lambda: read_peers(Path(directory), workers))
+        metrics.add_peers(lambda: read_peers(directory, workers))
     else:
-        app.worker_services.append(SnapshotWriter(metrics, Path(directory), index))
+        app.worker_services.append(SnapshotWriter(metrics, directory, index))

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from proxy.telemetry.metrics import FenderMetrics
-from proxy.workers import WORKERS_DIR_ENV
+from proxy.workers import replace_file
 
-__all__ = ["WORKERS_DIR_ENV", "SnapshotWriter", "read_peers"]
+__all__ = ["SnapshotWriter", "read_peers"]
 
 log = logging.getLogger("fender.telemetry")
 
@@ -65,10 +64,8 @@ class SnapshotWriter:
         self.write()  # (after the proxy listener closed: every request it served is counted)
 
     def write(self) -> None:
-        temporary = self.path.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps(self.metrics.snapshot()))
-            os.replace(temporary, self.path)
+            replace_file(self.path, json.dumps(self.metrics.snapshot()))
         except OSError as exc:
             if not self._warned:  # (once: this runs every second)
                 self._warned = True
