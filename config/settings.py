@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.models import ListenersModel, listener_addr
 from config.units import Duration
+from saga.store import unsupported
 
 __all__ = ["Settings", "split_addr"]
 
@@ -37,9 +38,9 @@ class Settings(BaseSettings):
     @field_validator("saga_store")
     @classmethod
     def _store(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("sqlite:", "postgresql:", "postgres:")):  # (saga.store.open_store)
-            scheme = value.split(":", 1)[0]  # not the whole URL: it may hold a password
-            raise ValueError(f"unsupported scheme {scheme!r}: use sqlite:///path or postgresql://")
+        problem = unsupported(value) if value else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("log_level")

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from saga.model import Saga
 
-__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "open_store"]
+__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "open_store", "unsupported"]
 
 
 class StoreRefused(Exception):
@@ -57,6 +57,17 @@ class SagaStore(Protocol):
     async def delete(self, saga_id: str) -> Literal["deleted", "not_found", "not_terminal"]: ...
 
 
+SCHEMES = ("sqlite:", "postgresql:", "postgres:")  # what open_store opens
+
+
+def unsupported(url: str) -> str | None:
+    """Why `open_store` cannot open `url`, or None (checked early by config.settings)."""
+    if url.startswith(SCHEMES):
+        return None
+    scheme = url.split(":", 1)[0]  # not the whole URL: it may hold a password
+    return f"unsupported scheme {scheme!r} for the saga store: use sqlite:///path or postgresql://"
+
+
 def open_store(url: str) -> SagaStore:
     """`sqlite:///path/to/sagas.db` (`?synchronous=normal` to trade power-loss durability for speed),
     or `postgresql://user@host/db?schema=fender&lease=15s` (see `saga.postgres_store`)."""
@@ -68,5 +79,4 @@ def open_store(url: str) -> SagaStore:
         from saga.postgres_store import PostgresSagaStore  # shared by replicas: leases + fencing
 
         return PostgresSagaStore.from_url(url)
-    scheme = url.split(":", 1)[0]  # not the whole URL: it may hold a password
-    raise ValueError(f"unsupported saga store URL scheme {scheme!r}: use sqlite:///path or postgresql://")
+    raise ValueError(unsupported(url))
