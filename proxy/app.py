@@ -233,7 +233,7 @@ class FenderApp:
         try:
             bound = await listener.start(host, port, reuse_port=reuse_port, backlog=1024)
         except OSError as exc:
-            raise OSError(exc.errno, f"proxy listener {proxy_addr}: {exc.strerror or exc}") from exc
+            raise _cannot_listen("proxy", proxy_addr, exc) from exc
         self._proxy = listener
         self.addresses["proxy"] = (host, bound)
         if self.settings.admin_addr != "":  # "" = not served (extra workers)
@@ -254,7 +254,7 @@ class FenderApp:
         try:
             await site.start()
         except OSError as exc:
-            raise OSError(exc.errno, f"{name} listener {addr}: {exc.strerror or exc}") from exc
+            raise _cannot_listen(name, addr, exc) from exc
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
@@ -313,7 +313,12 @@ def _check_bindable(name: str, addr: str, reuse_port: bool) -> None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(sockaddr)
     except OSError as exc:
-        raise OSError(exc.errno, f"{name} listener {addr}: {exc.strerror or exc}") from exc
+        raise _cannot_listen(name, addr, exc) from exc
+
+
+def _cannot_listen(name: str, addr: str, exc: OSError) -> OSError:
+    """The error `fender run` prints (proxy.cli): which listener, where, and why."""
+    return OSError(exc.errno, f"{name} listener {addr}: {exc.strerror or exc}")
 
 
 def _close_later(upstream: Any) -> None:
