@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -222,6 +225,31 @@ def test_tracing_is_off_without_an_endpoint():
     assert tracing_configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"})
     assert not tracing_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"})
     assert not tracing_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"})
+
+
+def test_opentelemetry_is_not_even_imported_without_an_endpoint(tmp_path):
+    """Its SDK is 1.5 MB of the 60 MB idle goal; a sidecar that does not trace should not pay it."""
+    config = tmp_path / "fender.yaml"
+    config.write_text("version: 1\nroutes: []\n")
+    script = (
+        "import sys\n"
+        "from config.settings import Settings\n"
+        "from proxy.app import FenderApp\n"
+        "from proxy.assemble import assemble\n"
+        f"app = FenderApp(Settings(config={str(config)!r}, data_dir={str(tmp_path / 'd')!r}))\n"
+        "app.load_initial()\n"
+        "assemble(app)\n"
+        "print(app.telemetry.tracing, sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None []"
+
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("<proxy.telemetry.tracing.Tracing object") and "opentelemetry.sdk.trace" in done.stdout
 
 
 async def test_no_endpoint_means_no_tracer_and_the_callers_traceparent_goes_through(

@@ -11,14 +11,17 @@ observer is left on `app.saga_observer` for the saga wiring to pick up.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.telemetry.access_log import AccessLog, stdout_writer
 from proxy.telemetry.metrics import FenderMetrics, breaker_states
 from proxy.telemetry.observer import SagaTelemetry, TelemetryObserver
 from proxy.telemetry.peers import SnapshotWriter, read_peers
-from proxy.telemetry.tracing import Tracing
+from proxy.telemetry.tracing_switch import tracing_configured
 from proxy.workers import shared_directory
+
+if TYPE_CHECKING:
+    from proxy.telemetry.tracing import Tracing
 
 __all__ = ["Telemetry", "install"]
 
@@ -43,6 +46,15 @@ class Telemetry:
             await self.tracing.shutdown()
 
 
+def _tracing() -> Tracing | None:
+    """Tracing as the OTEL_* variables ask, importing OpenTelemetry only if traces are exported."""
+    if not tracing_configured():
+        return None
+    from proxy.telemetry.tracing import Tracing
+
+    return Tracing.from_env(_version())
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -60,7 +72,7 @@ def install(app: Any, *, access_log_write: Any = None) -> Telemetry:
     access_log = None
     if app.settings.access_log:
         access_log = AccessLog(access_log_write or stdout_writer())
-    telemetry = Telemetry(FenderMetrics(), Tracing.from_env(_version()), access_log)
+    telemetry = Telemetry(FenderMetrics(), _tracing(), access_log)
     metrics = telemetry.metrics
 
     def config_hash() -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
@@ -12,7 +12,9 @@ from policies.base import RequestContext
 from policies.events import Event
 from proxy.telemetry.access_log import AccessLog
 from proxy.telemetry.metrics import FenderMetrics
-from proxy.telemetry.tracing import Tracing, trace_id_of
+
+if TYPE_CHECKING:  # imported only where traces are exported (proxy.telemetry.tracing_switch)
+    from proxy.telemetry.tracing import Tracing
 
 __all__ = ["TelemetryObserver", "SagaTelemetry", "inbound_trace_id"]
 
@@ -60,19 +62,24 @@ class TelemetryObserver:
         self, ctx: RequestContext, token: Any, status: int | None, error: BaseException | None
     ) -> None:
         self.metrics.attempt_finished(ctx.route, status, error)
-        if token is not None:
-            Tracing.attempt_done(token, status, error)
+        tracing = self.tracing
+        if token is not None and tracing is not None:
+            tracing.attempt_done(token, status, error)
 
     def request_finished(
         self, ctx: RequestContext, method: str, path: str, status: int, outcome: str, duration: float
     ) -> None:
         self.metrics.request_finished(ctx.route, method, status, outcome, duration)
         span = ctx.span
-        if span is not None:
-            Tracing.request_done(span, status, outcome, ctx.attempts)
+        tracing = self.tracing
+        if span is not None and tracing is not None:
+            tracing.request_done(span, status, outcome, ctx.attempts)
         access_log = self.access_log
         if access_log is not None:
-            trace_id = trace_id_of(span) if span is not None else inbound_trace_id(ctx.headers)
+            if span is not None and tracing is not None:
+                trace_id = tracing.trace_id_of(span)
+            else:
+                trace_id = inbound_trace_id(ctx.headers)
             request = ctx.request
             # unrouted requests have no outbound request: the client's own id, if any
             headers = request.headers if request is not None else ctx.headers

@@ -36,6 +36,7 @@ from yarl import URL
 
 from policies.base import RequestContext
 from policies.events import Event
+from proxy.telemetry.tracing_switch import tracing_configured
 
 __all__ = ["Tracing", "tracing_configured", "format_traceparent", "trace_id_of"]
 
@@ -44,14 +45,6 @@ log = logging.getLogger("fender.telemetry")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 _SAGA_HEADER = "x-fender-saga-id"
-
-
-def tracing_configured(environ: Mapping[str, str] = os.environ) -> bool:
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        return False
-    return bool(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
 def format_traceparent(span: Span) -> str:
@@ -182,6 +175,8 @@ class Tracing:
                 attributes["http.request.resend_count"] = ctx.attempts - 1
             span.set_attributes(attributes)
         return span
+
+    trace_id_of = staticmethod(trace_id_of)
 
     @staticmethod
     def attempt_done(span: Span, status: int | None, error: BaseException | None) -> None:
