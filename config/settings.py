@@ -14,6 +14,9 @@ from saga.store import unsupported
 __all__ = ["Settings", "split_addr"]
 
 
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}  # (both names Python's logging knows too)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FENDER_", extra="ignore", frozen=True)
 
@@ -46,7 +49,8 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
-        level = value.lower()
+        level = value.strip().lower()
+        level = _LEVEL_ALIASES.get(level, level)
         if level not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("log level is one of debug, info, warning, error, critical")
         return level

@@ -13,8 +13,10 @@ __all__ = ["parse_duration", "parse_rate", "parse_size", "Duration", "Rate", "Si
 MAX_DURATION = 365 * 86400.0
 MIN_RATE = 1 / 86400
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# no unit means seconds, as a number does: an environment variable (FENDER_DRAIN_TIMEOUT=10)
+# can only ever be a string
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(ms|s|m|h)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
@@ -24,7 +26,7 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from `250ms`, `2s`, `1m`, `1h` or a number of seconds."""
+    """Seconds from `250ms`, `2s`, `1m`, `1h` or a number of seconds (`2`, `"2"`, `0.5`)."""
     if isinstance(value, bool):
         raise ValueError("a duration is a string such as '250ms' or '2s', or a number of seconds")
     if isinstance(value, int | float):

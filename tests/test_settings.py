@@ -28,3 +28,16 @@ def test_a_bad_setting_is_named_and_fender_exits_1_before_starting(monkeypatch, 
 def test_listener_addresses_in_every_documented_form_are_accepted(monkeypatch, addr):
     monkeypatch.setenv("FENDER_PROXY_ADDR", addr)
     assert Settings().proxy_addr == addr
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("3", 3.0), ("2.5", 2.5), ("500ms", 0.5), ("1m", 60.0)])
+def test_a_duration_setting_may_be_a_plain_number_of_seconds(monkeypatch, value, seconds):
+    # (SPEC: durations are strings or numbers of seconds, and an environment variable is a string)
+    monkeypatch.setenv("FENDER_DRAIN_TIMEOUT", value)
+    assert Settings().drain_timeout == seconds
+
+
+@pytest.mark.parametrize(("value", "level"), [("warn", "warning"), ("WARNING", "warning"), ("fatal", "critical")])
+def test_log_levels_take_the_usual_aliases(monkeypatch, value, level):
+    monkeypatch.setenv("FENDER_LOG_LEVEL", value)
+    assert Settings().log_level == level
