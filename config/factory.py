@@ -43,6 +43,7 @@ from policies.token_bucket import BucketStore
 __all__ = ["PolicyFactory", "RouteChain", "DEFAULT_WINDOW_CALLS"]
 
 DEFAULT_WINDOW_CALLS = 100  # failure-rate mode without window or window_calls
+DEFAULT_SLOW_CALL = 2.0  # failure-rate mode: a call this long counts as slow (SPEC section 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +214,7 @@ def _machine(params: CircuitBreakerModel) -> BreakerStateMachine:
         failure_rate=params.failure_rate if params.failure_rate is not None else 0.5,
         window=window,
         min_calls=params.min_calls,
-        slow_call_duration=params.slow_call_duration,
+        slow_call_duration=params.slow_call_duration if params.slow_call_duration is not None else DEFAULT_SLOW_CALL,
         slow_call_rate=params.slow_call_rate,
         **common,
     )

@@ -160,13 +160,13 @@ class CircuitBreakerModel(Frozen):
 
     @model_validator(mode="after")
     def _mode(self) -> CircuitBreakerModel:
-        rate_mode = self.failure_rate is not None or self.slow_call_duration is not None
-        if self.consecutive_failures is not None and rate_mode:
-            raise ValueError("choose either consecutive_failures or failure_rate, not both")
+        if self.consecutive_failures is not None and self.mode == "rate":
+            raise ValueError(
+                "choose either consecutive_failures or failure-rate mode "
+                "(failure_rate, window, window_calls, slow_call_duration), not both"
+            )
         if self.window is not None and self.window_calls is not None:
             raise ValueError("choose either window (time) or window_calls (count), not both")
-        if (self.window is not None or self.window_calls is not None) and not rate_mode:
-            raise ValueError("window and window_calls apply to failure_rate mode only")
         if self.max_open_for is None:
             object.__setattr__(self, "max_open_for", max(_MAX_OPEN_FOR, self.open_for))  # (frozen)
         elif self.max_open_for < self.open_for:
@@ -175,8 +175,9 @@ class CircuitBreakerModel(Frozen):
 
     @property
     def mode(self) -> Literal["consecutive", "rate"]:
-        rate = self.failure_rate is not None or self.slow_call_duration is not None
-        return "rate" if rate else "consecutive"
+        """Any failure-rate knob selects that mode; the others then take SPEC's defaults."""
+        rate_knobs = (self.failure_rate, self.window, self.window_calls, self.slow_call_duration)
+        return "consecutive" if all(knob is None for knob in rate_knobs) else "rate"
 
 
 class RateLimitModel(Frozen):

@@ -149,6 +149,28 @@ routes:
         "circuit_breaker", "circuit_breaker-2", "circuit_breaker-3"]
 
 
+def test_any_failure_rate_knob_selects_rate_mode_with_specs_defaults_for_the_rest():
+    text = """
+routes:
+  - name: a
+    upstream: http://x
+    chain:
+      - circuit_breaker: {window: 30s}
+      - circuit_breaker: {window_calls: 40}
+      - circuit_breaker: {failure_rate: 0.3}
+      - circuit_breaker: {consecutive_failures: 3}
+"""
+    _, chains = build(text)
+    machines = [p.machine for _, p in chains["a"].policies]
+    assert isinstance(machines[0].window, TimeWindow) and machines[0].window.seconds == 30
+    assert isinstance(machines[1].window, CountWindow) and machines[1].window.size == 40
+    assert [(m.failure_rate, m.min_calls, m.slow_call_duration, m.slow_call_rate) for m in machines[:3]] == [
+        (0.5, 20, 2.0, 1.0), (0.5, 20, 2.0, 1.0), (0.3, 20, 2.0, 1.0)]
+    assert machines[3].window is None and machines[3].slow_call_duration is None  # (consecutive mode)
+    with pytest.raises(ConfigInvalid, match="either consecutive_failures or failure-rate mode"):
+        load_text(text.replace("{window: 30s}", "{window: 30s, consecutive_failures: 3}"))
+
+
 async def test_reload_keeps_the_state_of_unchanged_policies_and_renews_changed_ones():
     clock = FakeClock()
     factory = PolicyFactory(clock=clock)
