@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from proxy.app import FenderApp
     from proxy.runtime import Runtime
 
-__all__ = ["install", "admin_routes", "auth_middleware", "peer_address", "is_loopback", "breakers_of",
+__all__ = ["install", "admin_routes", "auth_middleware", "peer_address", "is_loopback", "breakers_of", "find_breaker",
            "reset_breaker_named"]
 
 log = logging.getLogger("fender")
@@ -116,6 +116,19 @@ def breakers_of(runtime: Runtime) -> dict[str, tuple[CircuitBreakerPolicy, list[
             _, routes = out.setdefault(name, (policy, []))
             routes.append(route)
     return out
+
+
+def find_breaker(runtime: Runtime, name: str) -> tuple[str, CircuitBreakerPolicy, list[str]] | None:
+    """The breaker GET /breakers calls `name`, or else the only breaker of the route `name`.
+
+    An inline breaker's own name (`<route>.circuit_breaker`) is one a caller has to look
+    up first; its route's name is the one in hand (metrics, `x-fender-route`).
+    """
+    found = breakers_of(runtime)
+    if name in found:
+        return (name, *found[name])
+    of_route = [(n, policy, routes) for n, (policy, routes) in found.items() if name in routes]
+    return of_route[0] if len(of_route) == 1 else None
 
 
 def _policies(runtime: Runtime) -> Iterator[tuple[str, str, Any, bool, str]]:
@@ -226,8 +239,8 @@ def admin_routes(fender: FenderApp, resets: ResetAnnouncer | None = None) -> lis
         if found is None:
             return _error(404, "not_found", f"no circuit breaker named {name!r} (see GET /breakers)")
         if resets is not None:
-            resets.announce(name)
-        return _json(_breaker_view(name, *found))
+            resets.announce(found[0])
+        return _json(_breaker_view(*found))
 
     async def get_openapi(request: web.Request) -> web.Response:
         from proxy.cli import _version
@@ -244,12 +257,12 @@ def admin_routes(fender: FenderApp, resets: ResetAnnouncer | None = None) -> lis
     ]
 
 
-def reset_breaker_named(fender: FenderApp, name: str) -> tuple[CircuitBreakerPolicy, list[str]] | None:
-    """Force the breaker `name` (as GET /breakers names it) closed; None if there is none."""
-    found = breakers_of(fender.runtime).get(name)
+def reset_breaker_named(fender: FenderApp, name: str) -> tuple[str, CircuitBreakerPolicy, list[str]] | None:
+    """Force the breaker `name` (see `find_breaker`) closed; None if there is none."""
+    found = find_breaker(fender.runtime, name)
     if found is None:
         return None
-    policy, routes = found
+    name, policy, routes = found
     before = policy.state.value
     policy.reset()
     after = policy.state.value

@@ -211,6 +211,12 @@ async def test_breaker_reset_closes_it_and_unknown_names_are_404(
         assert (await resp.json())["error"] == "not_found"
     async with http.post(f"{fender.admin_url}/breakers/other.circuit_breaker/reset") as resp:
         assert resp.status == 200
+    # a route's only breaker answers to the route's name too, and the answer names it properly
+    for route, breaker in (("other", "other.circuit_breaker"), ("api", "shared-breaker")):
+        async with http.post(f"{fender.admin_url}/breakers/{route}/reset") as resp:
+            assert resp.status == 200 and (await resp.json())["name"] == breaker
+    async with http.post(f"{fender.admin_url}/breakers/creds/reset") as resp:
+        assert resp.status == 404  # (a route with no breaker)
 
 
 async def test_openapi_document_describes_the_admin_api(
