@@ -81,7 +81,7 @@ def load_file(path: str | Path) -> LoadedConfig:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigInvalid([ConfigIssue("", f"cannot read {path}: {exc.strerror or exc}")], str(path)) from exc
+        raise ConfigInvalid([ConfigIssue(str(path), f"cannot read: {exc.strerror or exc}")], str(path)) from exc
     return load_text(data, source=str(path))
 
 
@@ -92,12 +92,13 @@ def load_text(data: bytes | str, source: str = "<string>") -> LoadedConfig:
     except yaml.YAMLError as exc:
         raise ConfigInvalid([_yaml_issue(exc)], source) from exc
     except RecursionError as exc:  # (PyYAML builds nested collections recursively)
-        raise ConfigInvalid([ConfigIssue("", "the YAML nests too deeply to be a config")], source) from exc
+        raise ConfigInvalid([ConfigIssue(source, "the YAML nests too deeply to be a config")], source) from exc
     if raw is None:
         # most often a file caught half-written by a reload; an explicit `routes: []` is fine
-        raise ConfigInvalid([ConfigIssue("", "the config is empty (write `routes: []` to route nothing)")], source)
+        # (a problem of the whole document is located by the document's name)
+        raise ConfigInvalid([ConfigIssue(source, "the config is empty (write `routes: []` to route nothing)")], source)
     if not isinstance(raw, dict):
-        raise ConfigInvalid([ConfigIssue("", "the config must be a YAML mapping")], source)
+        raise ConfigInvalid([ConfigIssue(source, "the config must be a YAML mapping")], source)
     try:
         config = FenderConfig.model_validate(raw)
     except ValidationError as exc:

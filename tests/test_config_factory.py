@@ -12,6 +12,7 @@ from policies.retry import RetryPolicy
 from policies.testing import FakeClock, ScriptedUpstream, make_ctx
 from policies.timeout import TimeoutPolicy
 from policies.token_bucket import LocalBucketStore
+from proxy.cli import main
 
 CONFIG = """
 version: 1
@@ -127,6 +128,19 @@ def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message
 def test_yaml_nested_past_the_parser_is_one_error_not_a_traceback():
     with pytest.raises(ConfigInvalid, match="nests too deeply"):
         load_text("routes: []\na: " + "[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "cannot read: No such file or directory"),
+    ("", "the config is empty (write `routes: []` to route nothing)"),
+    ("- routes\n", "the config must be a YAML mapping"),
+])
+def test_a_problem_of_the_whole_file_is_located_by_its_path(tmp_path, capsys, text, message):
+    path = tmp_path / "fender.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{path}: {message}"]
 
 
 def test_failure_rate_windows():
