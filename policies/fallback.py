@@ -64,9 +64,12 @@ class FallbackPolicy:
         self.body = data
         self._events = {kind: FallbackServed(kind) for kind in FALLBACK_KINDS}
 
-    def outcome(self) -> Outcome:
-        # a fresh header dict each time: the proxy adds its own headers to it
-        return Outcome(self.status, dict(self.headers), body=self.body)
+    def outcome(self, kind: str) -> Outcome:
+        # a fresh header dict each time: the proxy adds its own headers to it. The kind tells
+        # the client (and whoever reads its logs) that this answer stands in for a failure.
+        headers = dict(self.headers)
+        headers["x-fender-fallback"] = kind
+        return Outcome(self.status, headers, body=self.body)
 
     # -- as a guard (policies.guard): nothing before the call; after it, the answer may be replaced
 
@@ -77,14 +80,14 @@ class FallbackPolicy:
         if self.on_5xx and outcome.status >= 500:
             outcome.release()
             ctx.emit(self._events["5xx"])
-            return self.outcome()
+            return self.outcome("5xx")
         return outcome
 
     def exit_error(self, ctx: RequestContext, token: None, started: float, error: BaseException) -> Outcome:
         if not isinstance(error, FenderError) or error.kind not in self.kinds:
             raise error
         ctx.emit(self._events[error.kind])
-        return self.outcome()
+        return self.outcome(error.kind)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         try:

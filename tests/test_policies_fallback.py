@@ -12,9 +12,10 @@ async def test_serves_the_static_response_for_listed_kinds():
     clock = FakeClock()
     log = EventLog()
     policy = FallbackPolicy(on=["circuit_open", "timeout"], status=203, headers={"x-cached": "1"}, body="stale")
-    for error in (CircuitOpen("x"), TimedOut("x")):
+    for error, kind in ((CircuitOpen("x"), "circuit_open"), (TimedOut("x"), "timeout")):
         outcome = await policy(ScriptedUpstream(clock, error), make_ctx(bus=log.bus))
-        assert (outcome.status, outcome.body, outcome.headers) == (203, b"stale", {"x-cached": "1"})
+        assert (outcome.status, outcome.body) == (203, b"stale")
+        assert outcome.headers == {"x-cached": "1", "x-fender-fallback": kind}  # (what it stands in for)
     assert [e.reason for e in log.of(FallbackServed)] == ["circuit_open", "timeout"]
 
 
@@ -32,7 +33,7 @@ async def test_5xx_response_is_released_and_replaced():
     clock = FakeClock()
     upstream = ScriptedUpstream(clock, 500)
     outcome = await FallbackPolicy(on=["5xx"], status=200, body="ok")(upstream, make_ctx())
-    assert (outcome.status, outcome.body) == (200, b"ok")
+    assert (outcome.status, outcome.body, outcome.headers["x-fender-fallback"]) == (200, b"ok", "5xx")
     assert upstream.released == [500]
     assert (await FallbackPolicy(on=["5xx"])(ScriptedUpstream(clock, 404), make_ctx())).status == 404
 
