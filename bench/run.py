@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,8 +122,15 @@ def start_targets(targets: list[Target], ws: Workspace, notes: dict[str, str]) -
     return ready
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    # (SystemExit unwinds through main's `finally`, which stops every server it started;
+    # without this a `kill` or a CI timeout left nginx, Envoy and the rest running)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not args.no_install:
         missing = ensure_tools()
