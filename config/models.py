@@ -17,7 +17,13 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from config.policy_models import Frozen, PolicyModel, check_header_fields, check_token, or_shorthand
+from config.policy_models import (
+    Frozen,
+    PolicyModel,
+    check_header_fields,
+    check_methods,
+    or_shorthand,
+)
 from config.saga_models import SagaTemplateModel
 from config.units import Duration
 
@@ -111,7 +117,7 @@ class MatchModel(Frozen):
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         # any token is a method (PURGE, M-SEARCH); anything else can never arrive, and the
         # route would silently never match
-        return None if value is None else tuple(check_token(m, "method").upper() for m in value)
+        return None if value is None else check_methods(value)
 
     @field_validator("headers")
     @classmethod

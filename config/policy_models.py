@@ -31,6 +31,7 @@ __all__ = [
     "BulkheadModel",
     "FallbackModel",
     "check_token",
+    "check_methods",
     "check_header_fields",
     "PolicyModel",
     "POLICY_KINDS",
@@ -130,8 +131,8 @@ class RetryModel(Frozen):
 
     @field_validator("methods", mode="after")
     @classmethod
-    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(m.upper() for m in value)
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_methods(value)
 
 
 def _max_open_for_schema(schema: dict[str, Any]) -> None:
@@ -221,6 +222,11 @@ def check_token(value: str, what: str) -> str:
     if _TOKEN.fullmatch(value) is None:
         raise ValueError(f"{what} {value!r} is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)")
     return value
+
+
+def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """`methods` upper-cased if each is an HTTP token, else ValueError naming the first that is not."""
+    return tuple(check_token(m, "method").upper() for m in methods)
 
 
 def check_header_fields(headers: dict[str, str]) -> dict[str, str]:

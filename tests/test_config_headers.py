@@ -143,13 +143,38 @@ def test_match_headers_still_ignore_case_in_names():
     assert loaded.config.routes[0].match.headers == {"x-tenant": "a\tb"}
 
 
+def methods_config(methods: str, *, retry: bool = False) -> str:
+    """A route that lists `methods` (a YAML sequence) in `match`, or in its retry when `retry`."""
+    where = f"chain: [{{retry: {{methods: {methods}}}}}]" if retry else f"match: {{methods: {methods}}}"
+    return f"routes: [{{name: r, upstream: 'http://127.0.0.1:9', {where}}}]"
+
+
+@pytest.mark.parametrize(("retry", "loc"), [(False, "routes[0].match.methods"), (True, "routes[0].chain[0].retry.methods")])
 @pytest.mark.parametrize(("method", "shown"), [('"B AD"', "'B AD'"), ('""', "''"), ('"GET\\r\\n"', r"'GET\r\n'"),
-                                               ('"G(ET)"', "'G(ET)'"), ('"GÉT"', "'GÉT'")])
-def test_a_method_that_is_not_an_http_token_is_a_located_error(method, shown):
-    [issue] = issues(f"routes: [{{name: r, upstream: 'http://127.0.0.1:9', match: {{methods: [GET, {method}]}}}}]")
-    loc, _, msg = issue.partition(": ")
-    assert loc == "routes[0].match.methods"
+                                               ('"GET\\x01"', r"'GET\x01'"), ('"G(ET)"', "'G(ET)'"),
+                                               ('"GÉT"', "'GÉT'")])
+def test_a_method_that_is_not_an_http_token_is_a_located_error(method, shown, retry, loc):
+    [issue] = issues(methods_config(f"[GET, {method}]", retry=retry))
+    place, _, msg = issue.partition(": ")
+    assert place == loc
     assert shown in msg
+    assert "\r" not in issue and "\n" not in issue  # one line, whatever the config held
+
+
+def test_fender_check_prints_a_bad_retry_method_with_its_place(tmp_path, capsys):
+    path = tmp_path / "fender.yaml"
+    path.write_text(methods_config('["GE T"]', retry=True))
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "routes[0].chain[0].retry.methods: method 'GE T' is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~)"
+    ]
+
+
+def test_retry_methods_are_upper_cased():
+    loaded = load_text(methods_config("[get, purge]", retry=True))
+    [item] = loaded.config.routes[0].chain or ()
+    assert not isinstance(item, str) and item.retry is not None
+    assert item.retry.methods == ("GET", "PURGE")
 
 
 def test_any_token_is_a_method():
