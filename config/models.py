@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     Discriminator,
@@ -44,6 +45,11 @@ NAME_PATTERN = r"^[a-z0-9_-]+$"
 _NAME = re.compile(NAME_PATTERN)
 _HOST = re.compile(r"^(\*\.)?[A-Za-z0-9_.-]+$")
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+# RFC 1123 labels once IDNA-encoded (and `_`, which some service names carry)
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+# RFC 3986: no URL holds whitespace or a control character. urlsplit drops tabs and line
+# breaks wherever they are, so `exa<TAB>mple.com` would otherwise pass as another host.
+_NOT_IN_URL = re.compile(r"[\x00-\x1f\x7f]|\s")
 
 # Tags start with "~" so that the location formatter can drop them from error paths.
 ChainItem = Annotated[
@@ -52,10 +58,32 @@ ChainItem = Annotated[
 ]
 
 
+def check_host(host: str, what: str) -> str:
+    """`host` if it is an IP address or a host name (IDNA ones too), else ValueError naming it as `what`."""
+    try:
+        ipaddress.ip_address(unquote(host))  # (a URL escapes an IPv6 zone's "%" as "%25")
+        return host
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii")  # (refuses empty and overlong labels)
+    except UnicodeError:
+        name = ""
+    if len(name) > 253 or _HOST_NAME.fullmatch(name) is None:
+        raise ValueError(f"{what} {host!r} is not a host name or an IP address")
+    return host
+
+
 class TlsModel(Frozen):
     verify: bool = True
     ca_file: str | None = None
     server_name: str | None = None
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str | None) -> str | None:
+        # the name sent in SNI and checked against the certificate: no port, no brackets
+        return value if value is None else check_host(value, "server_name")
 
 
 class UpstreamModel(Frozen):
@@ -76,10 +104,13 @@ class UpstreamModel(Frozen):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
+        # no error repeats the value: it may hold a password, and errors are shown by the admin API
+        if _NOT_IN_URL.search(value):
+            raise ValueError("an upstream URL holds no whitespace or control character")
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            # the value is not repeated: it may hold a password, and errors are shown by the admin API
             raise ValueError("an upstream must be an http:// or https:// URL with a host")
+        check_host(parts.hostname, "the upstream host")
         if parts.query or parts.fragment:
             raise ValueError("an upstream URL takes no query or fragment")
         try:
