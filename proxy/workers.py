@@ -11,6 +11,7 @@ on its admin API reaches the others (`proxy/breaker_resets.py`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from config.settings import Settings
 
-__all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "replace_file", "run_workers", "shared_directory"]
+__all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "make_run_directory", "replace_file", "run_workers",
+           "shared_directory"]
 
 WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # the run's files shared between workers (metrics, breaker resets)
 WORKER_INDEX_ENV = "FENDER_WORKER_INDEX"
+_RUN_LOCK = "run.lock"  # in a run's directory, flock-ed by its processes for as long as one lives
 
 
 def shared_directory(settings: Settings) -> tuple[Path, int] | None:
@@ -48,21 +51,67 @@ def run_workers(settings: Settings) -> int:
     # breaker resets from it (proxy/breaker_resets.py)
     # (a new directory each run: in a container the supervisor is always pid 1, and a run
     # that was killed leaves its files behind, which must not count for this one)
-    shared: str | None = None
+    run: tuple[Path, int] | None = None
     try:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-        shared = tempfile.mkdtemp(prefix="workers-", dir=settings.data_dir)
+        run = make_run_directory(Path(settings.data_dir))
     except OSError as exc:
         print(f"fender: cannot create a directory in {settings.data_dir} ({exc.strerror or exc}): "
               "/metrics will count worker 0's requests only, and a breaker reset will close worker 0's "
               "breaker only", file=sys.stderr)
     else:
-        os.environ[WORKERS_DIR_ENV] = shared
+        os.environ[WORKERS_DIR_ENV] = str(run[0])
     try:
         return _supervise(settings)
     finally:
-        if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+        if run is not None:
+            shutil.rmtree(run[0], ignore_errors=True)
+            os.close(run[1])
+
+
+def make_run_directory(data_dir: Path) -> tuple[Path, int]:
+    """A new `workers-*` directory in `data_dir` for one run, and the descriptor that holds its lock
+    (close it when the run is over); first removes those of runs no longer alive. OSError."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_runs(data_dir)
+    # made under another name and renamed once locked: a `workers-*` directory of this Fender
+    # always has its lock held while its run lives, even in the instant after it is made
+    building = Path(tempfile.mkdtemp(prefix=".workers-", dir=data_dir))
+    lock = os.open(building / _RUN_LOCK, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        # the workers inherit the descriptor when forked: a directory they still use stays
+        # locked even if the supervisor alone was killed; the kernel drops the lock with the last
+        # process of the run, however it ends
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        directory = building.with_name(building.name.removeprefix("."))
+        os.rename(building, directory)
+    except OSError:
+        os.close(lock)
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return directory, lock
+
+
+def _remove_dead_runs(data_dir: Path) -> None:
+    """Remove what killed runs left: `workers-*` directories whose lock no process holds."""
+    for directory in data_dir.glob("workers-*"):
+        if directory.is_dir() and not _alive(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(directory: Path) -> bool:
+    try:
+        lock = os.open(directory / _RUN_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # made by a Fender from before the lock (this one's have it from the start)
+    except OSError:
+        return True  # cannot tell: leave it be
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (BlockingIOError: a process of that run holds it)
+        return True
+    finally:
+        os.close(lock)  # (which releases the lock, if taken)
+    return False
 
 
 def _supervise(settings: Settings) -> int:

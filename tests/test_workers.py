@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import urllib.request
 
 from bench.procs import free_port
+from proxy.workers import make_run_directory
 from tests.support.processes import ROOT, wait_http
 
 
@@ -56,3 +58,58 @@ def test_a_dead_worker_stops_the_rest_and_the_parent_fails(tmp_path):
         raise AssertionError(f"a worker still answers: {exc.code}") from exc
     except OSError:
         pass
+
+
+def test_a_run_removes_the_directories_of_dead_runs_and_never_a_live_ones(tmp_path):
+    live, live_lock = make_run_directory(tmp_path)
+    dead, dead_lock = make_run_directory(tmp_path)
+    os.close(dead_lock)  # as the kernel does when the last process of a run ends, killed or not
+    older = tmp_path / "workers-1"  # left by a Fender from before the lock
+    older.mkdir()
+    (older / "worker-1.json").write_text("{}")
+    (tmp_path / "sagas.db").write_text("")
+    new, new_lock = make_run_directory(tmp_path)
+    try:
+        assert sorted(tmp_path.iterdir()) == sorted([live, new, tmp_path / "sagas.db"])
+        assert dead.name.startswith("workers-") and new.name.startswith("workers-")
+    finally:
+        os.close(live_lock)
+        os.close(new_lock)
+
+
+def wait_gone(pid: int) -> None:
+    try:
+        process = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([process], [], [], 10)[0], f"process {pid} is still alive"
+    finally:
+        os.close(process)
+
+
+def test_a_killed_runs_directory_is_removed_at_the_next_start_and_a_live_runs_is_kept(tmp_path):
+    data = tmp_path / "d"
+    killed, _ = start(tmp_path)
+    [killed_dir] = data.glob("workers-*")
+    live, _ = start(tmp_path)  # (two Fenders on one data dir, by mistake)
+    [live_dir] = set(data.glob("workers-*")) - {killed_dir}
+    newer = None
+    try:
+        workers = worker_pids(killed.pid)
+        for pid in [killed.pid, *workers]:  # the supervisor first: it must not clean up after itself
+            os.kill(pid, signal.SIGKILL)
+        killed.wait(10)
+        for pid in workers:
+            wait_gone(pid)
+        assert killed_dir.exists()
+        newer, _ = start(tmp_path)
+        remaining = set(data.glob("workers-*"))
+        assert killed_dir not in remaining and live_dir in remaining and len(remaining) == 2
+        assert (live_dir / "run.lock").exists()
+    finally:
+        for proc in (live, newer):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+    assert list(data.glob("workers-*")) == []
