@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    missing = ensure_tools(log=True)
-    if "nginx" in missing or "wrk" in missing or not _ensure_valgrind():
+    missing = ensure_tools(("nginx", "wrk"))  # (the upstream and the load; no other proxy is run)
+    if missing or not _ensure_valgrind():
         print("bench.instructions needs nginx, wrk and valgrind", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="fender-instr-") as tmp:

