@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Any
@@ -146,15 +147,41 @@ class MatchModel(Frozen):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        # any token is a method (PURGE, M-SEARCH); anything else can never arrive, and the
-        # route would silently never match
-        return None if value is None else check_methods(value)
+        # a method no request can arrive with would leave the route silently never matching
+        if value is None:
+            return None
+        methods = check_methods(value)
+        for method in methods:
+            if not _parser_takes(method):
+                raise ValueError(
+                    f"method {method!r} never reaches a route: the proxy's HTTP parser (llhttp) knows a "
+                    "fixed list of methods (GET, PURGE, M-SEARCH...) and answers any other with 400"
+                )
+        return methods
 
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
         # (the parser refuses requests with such names or values: the route could never match)
         return {k.lower(): v for k, v in check_header_fields(value).items()}
+
+
+@functools.lru_cache(maxsize=256)  # (a config names a handful of methods)
+def _parser_takes(method: str) -> bool:
+    """Whether the proxy listener's request parser (aiohttp's, see proxy/server.py) takes `method`.
+
+    The installed parser is asked, so the answer follows its version's list of methods (and
+    the pure-Python parser, used without aiohttp's C extensions, takes any token)."""
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.http_parser import HttpRequestParser
+
+    # a head without its blank line: no request completes, so no protocol or loop is needed
+    parser = HttpRequestParser(None, None, 2**16)
+    try:
+        parser.feed_data(f"{method} / HTTP/1.1\r\nHost: fender\r\n".encode())
+    except HttpProcessingError:
+        return False
+    return True
 
 
 class RouteModel(Frozen):
