@@ -98,20 +98,22 @@ def test_defaults_are_applied():
     assert pay["fallback"].body == b'{"error":"later"}'
 
 
-def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
-    text = """
-routes:
-  - name: a
-    upstream: http://x
-    chain:
-      - circuit_breaker: {open_for: 10m}
-      - circuit_breaker: {open_for: 10s, max_open_for: 1m}
-"""
+def breakers(*params: str) -> str:
+    """A config whose route `a` has a chain of circuit breakers with these parameters."""
+    chain = "".join(f"\n      - circuit_breaker: {p}" for p in params)
+    return f"routes:\n  - name: a\n    upstream: http://x\n    chain:{chain}\n"
+
+
+def machines_of(text: str) -> list:
     _, chains = build(text)
-    machines = [p.machine for _, p in chains["a"].policies]
+    return [p.machine for _, p in chains["a"].policies]
+
+
+def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
+    machines = machines_of(breakers("{open_for: 10m}", "{open_for: 10s, max_open_for: 1m}"))
     assert [(m.open_for, m.max_open_for) for m in machines] == [(600.0, 600.0), (10.0, 60.0)]
     with pytest.raises(ConfigInvalid, match="max_open_for must not be smaller than open_for"):
-        load_text(text.replace("{open_for: 10m}", "{open_for: 10m, max_open_for: 5m}"))
+        load_text(breakers("{open_for: 10m, max_open_for: 5m}"))
 
 
 @pytest.mark.parametrize(("policy", "message"), [
@@ -144,45 +146,27 @@ def test_a_problem_of_the_whole_file_is_located_by_its_path(tmp_path, capsys, te
 
 
 def test_failure_rate_windows():
-    text = """
-routes:
-  - name: a
-    upstream: http://x
-    chain:
-      - circuit_breaker: {failure_rate: 0.3, window: 10s, min_calls: 5}
-      - circuit_breaker: {failure_rate: 0.3, window_calls: 50}
-      - circuit_breaker: {slow_call_duration: 2s}
-"""
-    _, chains = build(text)
-    machines = [p.machine for _, p in chains["a"].policies]
+    text = breakers("{failure_rate: 0.3, window: 10s, min_calls: 5}", "{failure_rate: 0.3, window_calls: 50}",
+                    "{slow_call_duration: 2s}")
+    machines = machines_of(text)
     assert isinstance(machines[0].window, TimeWindow) and machines[0].window.seconds == 10
     assert isinstance(machines[1].window, CountWindow) and machines[1].window.size == 50
     assert isinstance(machines[2].window, CountWindow) and machines[2].window.size == 100
     assert machines[2].failure_rate == 0.5 and machines[2].slow_call_duration == 2.0
-    assert [label for label, _ in chains["a"].policies] == [
+    assert [label for label, _ in build(text)[1]["a"].policies] == [
         "circuit_breaker", "circuit_breaker-2", "circuit_breaker-3"]
 
 
 def test_any_failure_rate_knob_selects_rate_mode_with_specs_defaults_for_the_rest():
-    text = """
-routes:
-  - name: a
-    upstream: http://x
-    chain:
-      - circuit_breaker: {window: 30s}
-      - circuit_breaker: {window_calls: 40}
-      - circuit_breaker: {failure_rate: 0.3}
-      - circuit_breaker: {consecutive_failures: 3}
-"""
-    _, chains = build(text)
-    machines = [p.machine for _, p in chains["a"].policies]
+    machines = machines_of(breakers("{window: 30s}", "{window_calls: 40}", "{failure_rate: 0.3}",
+                                    "{consecutive_failures: 3}"))
     assert isinstance(machines[0].window, TimeWindow) and machines[0].window.seconds == 30
     assert isinstance(machines[1].window, CountWindow) and machines[1].window.size == 40
     assert [(m.failure_rate, m.min_calls, m.slow_call_duration, m.slow_call_rate) for m in machines[:3]] == [
         (0.5, 20, 2.0, 1.0), (0.5, 20, 2.0, 1.0), (0.3, 20, 2.0, 1.0)]
     assert machines[3].window is None and machines[3].slow_call_duration is None  # (consecutive mode)
     with pytest.raises(ConfigInvalid, match="either consecutive_failures or failure-rate mode"):
-        load_text(text.replace("{window: 30s}", "{window: 30s, consecutive_failures: 3}"))
+        load_text(breakers("{window: 30s, consecutive_failures: 3}"))
 
 
 async def test_reload_keeps_the_state_of_unchanged_policies_and_renews_changed_ones():
