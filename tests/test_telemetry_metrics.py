@@ -161,9 +161,11 @@ async def test_config_reloads_are_counted_and_the_hash_follows(aiohttp_server, s
     assert not (await fender.app.reload("test")).ok
     fender.config_path.write_text(f"routes:\n  - name: b\n    upstream: {up}\n")
     assert (await fender.app.reload("test")).ok
+    assert (await fender.app.reload("test")).unchanged  # (the same edit, seen twice)
     found = samples(await scrape(http, fender.metrics_url))
     assert value(found, "fender_config_reloads_total", result="failure") == 1
     assert value(found, "fender_config_reloads_total", result="success") == 1
+    assert value(found, "fender_config_reloads_total", result="unchanged") == 1
     assert value(found, "fender_config_info", hash=fender.app.runtime.hash) == 1
     assert value(found, "fender_config_info", hash=first) is None
 

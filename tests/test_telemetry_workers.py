@@ -32,8 +32,8 @@ def test_the_other_workers_numbers_add_to_worker_0s():
     _served(one, "s", 503, 0.2)
     one.request_started("r")  # in flight on worker 1
     one.on_event(RetryScheduled(reason="5xx", attempt=2, delay=0.0), "s")
-    zero.config_reloaded(True)
-    one.config_reloaded(True)  # the same reload, in worker 1: every worker gets each reload
+    zero.config_reloaded("success")
+    one.config_reloaded("success")  # the same reload, in worker 1: every worker gets each reload
     zero.add_live_state(lambda: "abc", lambda: [("s", "cb", "closed")])
     one.add_live_state(lambda: "abc", lambda: [("s", "cb", "open")])
     SagaTelemetry(zero, None).saga_started("x")

@@ -83,7 +83,7 @@ def install(app: Any, *, access_log_write: Any = None) -> Telemetry:
 
     metrics.add_live_state(config_hash, breakers)
     _share_between_workers(app, metrics)
-    app.reload_listeners.append(lambda result: metrics.config_reloaded(result.ok))
+    app.reload_listeners.append(lambda result: metrics.config_reloaded(result.result))
     app.metrics_text = metrics.render
     app.set_observer(telemetry.observer)
     app.bus.subscribe(telemetry.observer.on_event)

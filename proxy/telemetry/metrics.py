@@ -145,7 +145,7 @@ class FenderMetrics:
         self._inflight: dict[str, int] = {}
         self._attempts: dict[tuple[str, int | str], int] = {}  # status, or a word when there was none
         self._events: dict[tuple[str, ...], int] = {}  # (metric name, *label values)
-        self._reloads = {"success": 0, "failure": 0}
+        self._reloads = {"success": 0, "failure": 0, "unchanged": 0}
         self._sagas: dict[str, int] = {}
         self._sagas_in_progress = 0
         self._steps: dict[str, _Histogram] = {}
@@ -201,8 +201,13 @@ class FenderMetrics:
         events[key] = events.get(key, 0) + 1
 
     # -- config and sagas -------------------------------------------------------------
-    def config_reloaded(self, ok: bool) -> None:
-        self._reloads["success" if ok else "failure"] += 1
+    def config_reloaded(self, result: str) -> None:
+        """Count a reload by `ReloadResult.result`: success, failure or unchanged.
+
+        An unchanged file is not a success: one edit is often reloaded twice (the watcher
+        and an API call, or every worker's SIGHUP), and only the first changes anything.
+        """
+        self._reloads[result] += 1
 
     def saga_started(self) -> None:
         self._sagas_in_progress += 1
