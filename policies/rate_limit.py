@@ -162,11 +162,11 @@ class RateLimitPolicy:
         return await call(ctx)
 
     async def _remote(self, call: Call, ctx: RequestContext, now: float, max_wait: float) -> Outcome:
-        assert self._store is not None
+        store = self._store
+        assert store is not None
+        key = self._prefix + self._key_of(ctx)
         try:
-            decision: Decision = await self._store.acquire(
-                self._prefix + self._key_of(ctx), self.rate, self.burst, now, max_wait
-            )
+            decision: Decision = await store.acquire(key, self.rate, self.burst, now, max_wait)
         except Exception:  # any backend failure: the configured side wins, the request is not lost
             ctx.emit(self._backend_error)
             if self.on_backend_error == "allow" or self.shadow:
@@ -174,7 +174,11 @@ class RateLimitPolicy:
             raise self._refusal(1.0 / self.rate, 0) from None
         if decision.allowed:
             if decision.wait > 0:
-                await self.clock.sleep(decision.wait)
+                try:
+                    await self.clock.sleep(decision.wait)
+                except BaseException:
+                    store.give_back(key, self.rate, self.burst)  # as the local path: the booking was never used
+                    raise
             return await call(ctx)
         if self.shadow:
             ctx.emit(self._shadow_hit)

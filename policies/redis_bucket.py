@@ -5,6 +5,8 @@ stamp) changed by one Lua script, so a take is atomic however many replicas
 ask at once. The script reads the time with `TIME` on the Redis server, so the
 replicas' clocks never enter the arithmetic. A key expires once its bucket
 would be full again (an absent key is a full bucket), so idle keys cost nothing.
+A request that booked a future token (`wait`) and went away before using it hands
+the token back with a second script, never past `burst`, as the local buckets do.
 
 When Redis does not answer, `acquire` raises `BucketStoreError` and the policy's
 `on_backend_error` decides. The store must not make a request slow while Redis is
@@ -33,20 +35,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.token_bucket import BucketStoreError, Decision
 
-__all__ = ["RedisBucketStore", "TOKEN_BUCKET_LUA", "DEFAULT_KEY_PREFIX"]
+__all__ = ["RedisBucketStore", "TOKEN_BUCKET_LUA", "GIVE_BACK_LUA", "DEFAULT_KEY_PREFIX"]
 
 log = logging.getLogger("fender.rate_limit")
 
 DEFAULT_KEY_PREFIX = "fender:rl:"
 MAX_KEY_LENGTH = 200  # longer client keys (header values) are hashed
 
-# KEYS[1] bucket; ARGV rate, burst, max_wait.
-# Returns {allowed 0|1, wait, remaining whole tokens, seconds until full}; floats as
-# strings because Redis truncates Lua numbers to integers in replies.
-TOKEN_BUCKET_LUA = """
+# Both scripts: KEYS[1] bucket, ARGV[1] rate, ARGV[2] burst; `tokens` refilled to the
+# server's `now` (an absent key is a full bucket); `save()` stores them until full again.
+_REFILL_LUA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local max_wait = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 't', 's')
@@ -59,6 +59,16 @@ elseif now > stamp then
   tokens = math.min(burst, tokens + (now - stamp) * rate)
   stamp = now
 end
+local function save()
+  redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.6f', stamp))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+end
+"""
+
+# ARGV[3] max_wait. Returns {allowed 0|1, wait, remaining whole tokens, seconds until full};
+# floats as strings because Redis truncates Lua numbers to integers in replies.
+TOKEN_BUCKET_LUA = _REFILL_LUA + """
+local max_wait = tonumber(ARGV[3])
 local allowed = 0
 local wait = 0
 if tokens >= 1 then
@@ -72,13 +82,19 @@ else
   end
 end
 local reset = (burst - tokens) / rate
-if allowed == 1 then
-  redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.6f', stamp))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(reset * 1000) + 1000)
-end
+if allowed == 1 then save() end
 local remaining = 0
 if tokens > 0 then remaining = math.floor(tokens) end
 return {allowed, string.format('%.6f', wait), remaining, string.format('%.6f', reset)}
+"""
+
+# One booked token back, never past burst (a full or absent bucket is left alone).
+GIVE_BACK_LUA = _REFILL_LUA + """
+if tokens < burst then
+  tokens = math.min(burst, tokens + 1)
+  save()
+end
+return 0
 """
 
 
@@ -89,7 +105,7 @@ class RedisBucketStore:
     """A `BucketStore` on redis-py asyncio. Build it with `from_url`; `stop()` closes it."""
 
     __slots__ = (
-        "client", "key_prefix", "retry_interval", "log_interval", "clock", "_script", "_no_script",
+        "client", "key_prefix", "retry_interval", "log_interval", "clock", "_script", "_give_back", "_no_script",
         "_pending", "_sending", "_open_until", "_probing", "_errors", "_last_log", "_unavailable",
     )
 
@@ -111,6 +127,7 @@ class RedisBucketStore:
         from redis.exceptions import NoScriptError
 
         self._script = client.register_script(TOKEN_BUCKET_LUA)
+        self._give_back = client.register_script(GIVE_BACK_LUA)
         self._no_script = NoScriptError
         self._pending: list[_Pending] = []  # acquires of this loop iteration, sent together
         self._sending: set[asyncio.Task[None]] = set()
@@ -189,6 +206,20 @@ class RedisBucketStore:
         if self._open_until:
             self._recovered()
         return decision
+
+    def give_back(self, key: str, rate: float, burst: float) -> None:
+        """Return a booked token its waiter never used. Sent in the background: it never waits or raises."""
+        if self._open_until:
+            return  # Redis is failing: the booking is lost, and the circuit keeps us off Redis
+        task = asyncio.ensure_future(self._send_give_back(self.redis_key(key), rate, burst))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_give_back(self, key: str, rate: float, burst: float) -> None:
+        try:
+            await self._give_back(keys=[key], args=[rate, burst])
+        except Exception as exc:  # the token stays booked; acquires will report the outage
+            log.debug("redis rate limit backend: give-back failed (%r)", exc)
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []

@@ -16,7 +16,7 @@ from typing import TypeVar
 from policies.base import Outcome, RequestContext
 from policies.events import Event, EventBus
 
-__all__ = ["FakeClock", "FakeTimeout", "ScriptedUpstream", "Hang", "EventLog", "make_ctx"]
+__all__ = ["FakeClock", "StalledClock", "FakeTimeout", "ScriptedUpstream", "Hang", "EventLog", "make_ctx"]
 
 E = TypeVar("E", bound=Event)
 
@@ -142,6 +142,14 @@ class FakeClock:
 
     def timeout(self, seconds: float) -> FakeTimeout:
         return FakeTimeout(self, seconds)
+
+
+class StalledClock(FakeClock):
+    """A FakeClock whose sleeps never end: a sleeper leaves only by being cancelled."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.Event().wait()
 
 
 class ScriptedUpstream:

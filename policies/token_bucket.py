@@ -88,6 +88,9 @@ class BucketStore(Protocol):
         self, key: str, rate: float, burst: float, now: float, max_wait: float = 0.0
     ) -> Decision: ...
 
+    def give_back(self, key: str, rate: float, burst: float) -> None:
+        """Return a token `acquire` booked for a wait that ended unused (never above burst, never raises)."""
+
 
 class LocalBucketStore:
     """Buckets in this process, at most `max_keys` of them (least recently used go first).
@@ -129,3 +132,8 @@ class LocalBucketStore:
         if wait < 0:
             return Decision(False, bucket.retry_after(now), max(0, int(bucket.tokens)), bucket.reset_after(now))
         return Decision(True, wait, max(0, int(bucket.tokens)), bucket.reset_after(now))
+
+    def give_back(self, key: str, rate: float, burst: float) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.give_back()

@@ -3,7 +3,7 @@ import pytest
 from policies.errors import RateLimited
 from policies.events import RateLimitBackendError, RateLimitHit
 from policies.rate_limit import RateLimitPolicy, ratelimit_headers
-from policies.testing import EventLog, FakeClock, ScriptedUpstream, make_ctx
+from policies.testing import EventLog, FakeClock, ScriptedUpstream, StalledClock, make_ctx
 from policies.token_bucket import Decision, LocalBucketStore, TokenBucket
 
 # -- the bucket ----------------------------------------------------------------
@@ -200,11 +200,7 @@ def test_rejects_a_bad_key():
 async def test_a_waiter_that_gives_up_returns_its_reserved_token():
     import asyncio
 
-    class BlockingClock(FakeClock):
-        async def sleep(self, seconds):
-            await asyncio.Event().wait()  # never wakes: the waiter is cancelled instead
-
-    clock = BlockingClock()
+    clock = StalledClock()  # the waiter never wakes: it is cancelled instead
     policy = RateLimitPolicy(1.0, 1.0, wait=5.0, clock=clock)
     upstream = ScriptedUpstream(clock, 200)
     await policy(upstream, make_ctx())  # takes the only token

@@ -21,8 +21,9 @@ import aiohttp
 import pytest
 
 from bench.procs import free_port
+from policies.rate_limit import RateLimitPolicy
 from policies.redis_bucket import RedisBucketStore
-from policies.testing import FakeClock
+from policies.testing import FakeClock, ScriptedUpstream, StalledClock, make_ctx
 from policies.token_bucket import BucketStoreError
 from tests.conftest import REQUIRE_SERVICES, require_service
 from tests.support.processes import FenderProcess, Upstream
@@ -136,6 +137,49 @@ async def test_wait_takes_a_future_token_and_refusal_leaves_the_bucket_alone(sha
         await store.stop()
 
 
+async def _stored_tokens(store: RedisBucketStore, key: str, expected: float) -> float:
+    """The bucket's stored balance once it reaches `expected` (give-backs land in the background)."""
+    deadline = time.monotonic() + 2
+    while True:
+        tokens = float(await store.client.hget(store.redis_key(key), "t"))
+        if tokens >= expected - 0.2 or time.monotonic() > deadline:
+            return tokens
+        await asyncio.sleep(0.01)
+
+
+async def test_waiters_that_go_away_give_their_booked_tokens_back(shared_redis: str, prefix: str) -> None:
+    clock = FakeClock()
+    store = RedisBucketStore.from_url(f"{shared_redis}?key_prefix={prefix}")
+    policy = RateLimitPolicy(1.0, 1.0, wait=5.0, store=store, scope="wr", clock=clock)
+    upstream = ScriptedUpstream(clock)
+    try:
+        await policy(upstream, make_ctx())  # takes the only token
+        for _ in range(4):  # each books the next token, and its client goes away after 0.2s
+            with pytest.raises(TimeoutError):
+                async with clock.timeout(0.2):
+                    await policy(upstream, make_ctx())
+        assert upstream.calls == 1
+        # the four bookings are back: the next request waits about a second, not five
+        assert -0.2 < await _stored_tokens(store, "wr:", 0.0) <= 0.2
+        nxt = await store.acquire("wr:", 1.0, 1.0, 0.0, max_wait=5.0)
+        assert nxt.allowed and nxt.wait <= 1.0
+    finally:
+        await store.stop()
+
+
+async def test_a_give_back_never_fills_past_burst_nor_creates_a_bucket(shared_redis: str, prefix: str) -> None:
+    store = RedisBucketStore.from_url(f"{shared_redis}?key_prefix={prefix}")
+    try:
+        store.give_back("absent:", 1.0, 3.0)
+        assert (await store.acquire("b:", 1.0, 3.0, 0.0)).remaining == 2
+        for _ in range(3):
+            store.give_back("b:", 1.0, 3.0)
+        assert await _stored_tokens(store, "b:", 3.0) == 3.0
+        assert await store.client.exists(store.redis_key("absent:")) == 0
+    finally:
+        await store.stop()
+
+
 # -- failures and recovery ------------------------------------------------------------------
 
 
@@ -165,6 +209,30 @@ async def test_store_fails_fast_while_redis_is_down_and_recovers(
         assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         await store.stop()
+
+
+async def test_a_give_back_while_redis_is_down_does_not_raise(private_redis: PrivateRedis, prefix: str) -> None:
+    clock = StalledClock()
+    store = RedisBucketStore.from_url(f"{private_redis.url}?key_prefix={prefix}", clock=clock)
+    policy = RateLimitPolicy(1.0, 1.0, wait=5.0, store=store, clock=clock)
+    upstream = ScriptedUpstream(clock)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        await policy(upstream, make_ctx())
+        waiter = asyncio.ensure_future(policy(upstream, make_ctx()))
+        while not clock.sleeps:  # booked, and waiting
+            await asyncio.sleep(0.01)
+        private_redis.kill()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):  # the cancellation, not a Redis error
+            await waiter
+        await asyncio.sleep(0.3)  # the give-back fails in the background, quietly
+        assert unhandled == []
+    finally:
+        await store.stop()
+        loop.set_exception_handler(None)
 
 
 ALLOW_DENY = """
