@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.models import ListenersModel, listener_addr
 from config.units import Duration
+from policies.redis_bucket import url_problem
 from saga.store import unsupported
 
 __all__ = ["Settings", "split_addr"]
@@ -38,10 +39,12 @@ class Settings(BaseSettings):
     def _addr(cls, value: str | None) -> str | None:
         return listener_addr(value) if value else value  # ("": no listener, as on the extra workers)
 
-    @field_validator("saga_store")
+    @field_validator("saga_store", "redis_url")
     @classmethod
-    def _store(cls, value: str | None) -> str | None:
-        problem = unsupported(value) if value else None
+    def _store(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A URL its store would refuse at start: said here, in one line (never with its password)."""
+        check = unsupported if info.field_name == "saga_store" else url_problem
+        problem = check(value) if value else None
         if problem:
             raise ValueError(problem)
         return value

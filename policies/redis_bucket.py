@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.token_bucket import BucketStoreError, Decision
 
-__all__ = ["RedisBucketStore", "TOKEN_BUCKET_LUA", "GIVE_BACK_LUA", "DEFAULT_KEY_PREFIX"]
+__all__ = ["RedisBucketStore", "TOKEN_BUCKET_LUA", "GIVE_BACK_LUA", "DEFAULT_KEY_PREFIX", "url_problem"]
 
 log = logging.getLogger("fender.rate_limit")
 
@@ -96,6 +97,26 @@ if tokens < burst then
 end
 return 0
 """
+
+
+def url_problem(url: str) -> str | None:
+    """Why `RedisBucketStore.from_url` cannot use `url`, or None (checked early by config.settings).
+
+    redis-py parses it as it will at start, without connecting.
+    """
+    try:
+        from redis.connection import parse_url
+    except ImportError:
+        return "redis-py is not installed: pip install 'fender[redis]'"
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+        return None
+    except Exception as exc:  # ValueError mostly: a scheme, port or query value redis-py refuses
+        problem = str(exc).rstrip(".")
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]  # never echoed, nor part of it
+    for piece in filter(None, re.split("[:/]", password)):
+        problem = problem.replace(piece, "***")
+    return f"{problem}: use redis://[:password@]host:port/db, rediss://... or unix:///path"
 
 
 _Pending = tuple[str, float, float, float, "asyncio.Future[Any]"]

@@ -14,6 +14,11 @@ from proxy.cli import main
     ("FENDER_METRICS_ADDR", "localhost", "listener address 'localhost' must be HOST:PORT"),
     ("FENDER_SAGA_STORE", "mysql://app:s3cret@db/app", "unsupported scheme 'mysql'"),
     ("FENDER_LOG_LEVEL", "verbose", "log level is one of"),
+    ("FENDER_REDIS_URL", "http://127.0.0.1:6379", "must specify one of the following schemes (redis://, rediss://"),
+    ("FENDER_REDIS_URL", "redis://127.0.0.1:notaport/0", "Port could not be cast to integer value as 'notaport'"),
+    ("FENDER_REDIS_URL", "redis://:s3cret@127.0.0.1:99999/0", "Port out of range"),
+    ("FENDER_REDIS_URL", "redis://:pa/s3cret@127.0.0.1/0", "use redis://"),  # a '/' in the password
+    ("FENDER_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
 ])
 def test_a_bad_setting_is_named_and_fender_exits_1_before_starting(monkeypatch, capsys, name, value, message):
     monkeypatch.setenv(name, value)
@@ -22,6 +27,15 @@ def test_a_bad_setting_is_named_and_fender_exits_1_before_starting(monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith(f"{name}: ") and message in err
     assert "Traceback" not in err and "s3cret" not in err  # (a store URL may hold a password)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0", "redis://:s3cret@redis:6379/2?key_prefix=app:rl:", "rediss://redis.internal",
+    "unix:///run/redis.sock?db=1",
+])
+def test_redis_urls_in_every_form_redis_py_takes_are_accepted(monkeypatch, url):
+    monkeypatch.setenv("FENDER_REDIS_URL", url)
+    assert Settings().redis_url == url
 
 
 @pytest.mark.parametrize("addr", ["127.0.0.1:15001", "[::1]:15001", ":15001", "0.0.0.0:0"])
