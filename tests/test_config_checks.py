@@ -72,6 +72,20 @@ def test_redis_backend_without_redis():
     assert warn(chain, redis_configured=True) == []
 
 
+def test_fender_run_refuses_a_redis_backed_limit_without_redis_url(monkeypatch, capsys, tmp_path):
+    # (README: no fallback to local buckets, which would admit N times the limit across N replicas)
+    from proxy.cli import main
+
+    path = tmp_path / "fender.yaml"
+    path.write_text("routes: [{name: a, upstream: 'http://x', chain: [{rate_limit: {rate: 10/s, backend: redis}}]}]")
+    monkeypatch.delenv("FENDER_REDIS_URL", raising=False)
+    for name in ("FENDER_PROXY_ADDR", "FENDER_ADMIN_ADDR", "FENDER_METRICS_ADDR"):
+        monkeypatch.setenv(name, "127.0.0.1:0")
+    assert main(["run", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("routes[0].chain[0]: rate_limit uses backend redis but FENDER_REDIS_URL is not set")
+
+
 def test_redis_without_url_locates_every_redis_backed_limit():
     from config.checks import redis_without_url
     from config.loader import load_text
