@@ -15,6 +15,7 @@ from aiohttp import web
 
 from config.checks import redis_without_url
 from config.loader import ConfigInvalid, ConfigIssue, LoadedConfig, load_file
+from config.models import ListenersModel
 from config.settings import Settings, split_addr
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.events import EventBus
@@ -24,7 +25,7 @@ from proxy.runtime import Runtime, RuntimeHolder, build_runtime
 from proxy.server import ProxyListener
 from proxy.upstream import UpstreamPool
 
-__all__ = ["FenderApp", "ReloadResult", "resolve_config_path"]
+__all__ = ["FenderApp", "ReloadResult", "check_listeners_free", "resolve_config_path"]
 
 log = logging.getLogger("fender")
 
@@ -215,12 +216,10 @@ class FenderApp:
             self.holder.current.loaded.config.listeners
         )
         reuse_port = self.settings.workers > 1
-        served = [("proxy", proxy_addr), ("admin", admin_addr), ("metrics", metrics_addr)]
-        for name, addr in served:
-            if getattr(self.settings, f"{name}_addr") != "":  # ("" = not served: extra workers)
-                # before any service starts: a second Fender on the same ports and data dir must
-                # fail here, not after it resumed the first one's sagas
-                _check_bindable(name, addr, reuse_port)
+        for name, addr in _served(self.settings, self.holder.current.loaded.config.listeners):
+            # before any service starts: a second Fender on the same ports and data dir must
+            # fail here, not after it resumed the first one's sagas
+            _check_bindable(name, addr, reuse_port)
         if self.settings.admin_addr != "":
             for service in self.services:
                 await service.start()
@@ -297,6 +296,21 @@ class FenderApp:
         for service in reversed(self.services):
             await service.stop()
         await self.pool.close()
+
+
+def check_listeners_free(settings: Settings, file: ListenersModel) -> None:
+    """`--workers N`, before forking: OSError if any process listens on one of the addresses.
+    The workers bind with SO_REUSEPORT, which another Fender's workers would share without a
+    word (each instance then gets some of the connections), so this binds without it."""
+    for name, addr in _served(settings, file):
+        _check_bindable(name, addr, reuse_port=False)
+
+
+def _served(settings: Settings, file: ListenersModel) -> list[tuple[str, str]]:
+    """The listeners this process serves, as (name, address): an address set to "" is not served
+    (admin and metrics on the extra workers)."""
+    served = zip(("proxy", "admin", "metrics"), settings.listeners(file), strict=True)
+    return [(name, addr) for name, addr in served if getattr(settings, f"{name}_addr") != ""]
 
 
 def _check_bindable(name: str, addr: str, reuse_port: bool) -> None:

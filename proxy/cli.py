@@ -89,11 +89,11 @@ def _run(config: str | None, workers: int | None) -> int:
             print(f"FENDER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level)
-    if settings.workers > 1:
-        from proxy.workers import run_workers
-
-        return run_workers(settings)
     try:
+        if settings.workers > 1:
+            from proxy.workers import run_workers
+
+            return run_workers(settings)
         return _run_loop(settings)
     except ConfigInvalid as exc:
         for issue in exc.errors:

@@ -46,7 +46,12 @@ def replace_file(path: Path, text: str) -> None:
 
 
 def run_workers(settings: Settings) -> int:
-    """Fork the workers and watch them: the first one to exit stops them all."""
+    """Fork the workers and watch them: the first one to exit stops them all. ConfigInvalid, or
+    OSError if a listener address is taken (by another Fender's workers, say), before any fork."""
+    from config.loader import load_file
+    from proxy.app import check_listeners_free, resolve_config_path
+
+    check_listeners_free(settings, load_file(resolve_config_path(settings.config)).config.listeners)
     # the files the workers share in this run: metrics for worker 0 (proxy/telemetry/peers.py),
     # breaker resets from it (proxy/breaker_resets.py)
     # (a new directory each run: in a container the supervisor is always pid 1, and a run

@@ -16,17 +16,24 @@ from tests.support.processes import ROOT, wait_http
 
 
 def start(tmp_path, workers: int = 2):
+    ports = free_port(), free_port(), free_port()
+    proc = launch(tmp_path, ports, workers)
+    wait_http(f"http://127.0.0.1:{ports[2]}/readyz", proc=proc)
+    return proc, ports[0]
+
+
+def launch(tmp_path, ports: tuple[int, int, int], workers: int = 2) -> subprocess.Popen[str]:
+    """`fender run --workers N` on these proxy, admin and metrics ports, not waiting for it."""
+    tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "f.yaml"
     config.write_text("routes: []\n")
-    proxy, admin, metrics = free_port(), free_port(), free_port()
+    proxy, admin, metrics = ports
     env = dict(os.environ, FENDER_PROXY_ADDR=f"127.0.0.1:{proxy}", FENDER_ADMIN_ADDR=f"127.0.0.1:{admin}",
                FENDER_METRICS_ADDR=f"127.0.0.1:{metrics}", FENDER_DATA_DIR=str(tmp_path / "d"))
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "run", "--config", str(config), "--workers", str(workers)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    wait_http(f"http://127.0.0.1:{metrics}/readyz", proc=proc)
-    return proc, proxy
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -113,3 +120,29 @@ def test_a_killed_runs_directory_is_removed_at_the_next_start_and_a_live_runs_is
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
     assert list(data.glob("workers-*")) == []
+
+
+def test_a_second_instance_on_the_ports_of_a_running_one_fails_and_the_first_keeps_serving(tmp_path):
+    # every worker listens with SO_REUSEPORT: a second `--workers N` Fender could bind next to the
+    # first one's sockets and take half its connections, unless the supervisor checks first
+    ports = free_port(), free_port(), free_port()
+    first = launch(tmp_path / "first", ports)
+    second = None
+    try:
+        wait_http(f"http://127.0.0.1:{ports[2]}/readyz", proc=first)
+        second = launch(tmp_path / "second", ports)
+        assert second.wait(20) == 1
+        assert f"proxy listener 127.0.0.1:{ports[0]}: Address already in use" in second.stderr.read()
+        assert worker_pids(second.pid) == []
+        assert first.poll() is None
+        wait_http(f"http://127.0.0.1:{ports[2]}/readyz", proc=first)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            opener.open(f"http://127.0.0.1:{ports[0]}/", timeout=2)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404  # (no routes: the first Fender answers)
+    finally:
+        for proc in (second, first):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
