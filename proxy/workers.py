@@ -2,7 +2,7 @@
 
 Worker 0 also serves the admin and metrics listeners and the saga coordinator, so
 there is one journal driver and one place to reload from the API; the parent
-forwards SIGTERM/SIGINT/SIGHUP to every worker. Policy state is per worker: a
+forwards SIGTERM/SIGINT/SIGHUP to every worker, and the workers stop when it dies. Policy state is per worker: a
 local token bucket of `rate: 100/s` admits up to N x 100/s in total; use
 `backend: redis` for a limit that holds across workers (and replicas). Worker 0's
 /metrics counts every worker's requests (`proxy/telemetry/peers.py`), and a breaker reset
@@ -11,6 +11,7 @@ on its admin API reaches the others (`proxy/breaker_resets.py`).
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
@@ -26,6 +27,7 @@ __all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "make_run_directory", "replace
 
 WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # the run's files shared between workers (metrics, breaker resets)
 WORKER_INDEX_ENV = "FENDER_WORKER_INDEX"
+_PR_SET_PDEATHSIG = 1  # prctl(2) option, from <linux/prctl.h>
 _RUN_LOCK = "run.lock"  # in a run's directory, flock-ed by its processes for as long as one lives
 
 
@@ -136,6 +138,7 @@ def _supervise(settings: Settings) -> int:
     # handlers before forking, so that a signal in the first instants is not lost or fatal
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    supervisor = os.getpid()
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
@@ -146,6 +149,7 @@ def _supervise(settings: Settings) -> int:
             # SIG_IGN would lose a reload that reached it before its loop ran
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, remember_signal)
+            _stop_with(supervisor)
             os.environ[WORKER_INDEX_ENV] = str(index)
             os._exit(_child(settings, index))
         children[pid] = index
@@ -166,6 +170,22 @@ def _supervise(settings: Settings) -> int:
                 print(f"fender: worker {index} exited ({exit_code}); stopping the others", file=sys.stderr)
                 forward(signal.SIGTERM, None)
     return status
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (the graceful drain) when the supervisor dies,
+    even by SIGKILL: workers left behind would keep serving an old config next to the next run's
+    workers on the same ports. Linux only (PR_SET_PDEATHSIG); elsewhere they outlive a killed
+    supervisor."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0))
+        except (OSError, AttributeError):  # (no prctl in this libc)
+            pass
+    if os.getppid() != supervisor:  # it died before the prctl: no signal will come
+        os._exit(0)
 
 
 def _child(settings: Settings, index: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,13 @@ def test_a_run_removes_the_directories_of_dead_runs_and_never_a_live_ones(tmp_pa
         os.close(new_lock)
 
 
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait_gone(pid: int) -> None:
     try:
         process = os.pidfd_open(pid)
@@ -105,7 +113,7 @@ def test_a_killed_runs_directory_is_removed_at_the_next_start_and_a_live_runs_is
     try:
         workers = worker_pids(killed.pid)
         for pid in [killed.pid, *workers]:  # the supervisor first: it must not clean up after itself
-            os.kill(pid, signal.SIGKILL)
+            kill(pid)  # (its workers may be gone already: they stop when it dies)
         killed.wait(10)
         for pid in workers:
             wait_gone(pid)
@@ -146,3 +154,22 @@ def test_a_second_instance_on_the_ports_of_a_running_one_fails_and_the_first_kee
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
+
+
+def test_the_workers_of_a_killed_supervisor_stop_and_free_the_port(tmp_path):
+    # (an operator's kill -9, an OOM kill): workers left serving would share the port with the
+    # next run's, an old config next to the new one
+    proc, proxy = start(tmp_path)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for pid in workers:
+            wait_gone(pid)
+    finally:
+        for pid in workers:
+            kill(pid)
+    with socket.socket() as sock:  # (no SO_REUSEPORT: any listener left on the port refuses it)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", proxy))
