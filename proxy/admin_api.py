@@ -28,7 +28,7 @@ from proxy.breaker_resets import ResetAnnouncer, ResetFollower
 from proxy.config_watch import ConfigWatcher, fingerprint, interval_from_env
 from proxy.openapi import openapi_document
 from proxy.redact import redact, redact_url
-from proxy.workers import WORKER_INDEX_ENV, shared_directory
+from proxy.workers import live_supervisor, shared_directory
 
 if TYPE_CHECKING:
     from proxy.app import FenderApp
@@ -277,9 +277,10 @@ def reset_breaker_named(fender: FenderApp, name: str) -> tuple[str, CircuitBreak
 
 def _tell_sibling_workers(fender: FenderApp) -> None:
     """With `--workers N` the parent forwards SIGHUP to every worker, so all of them reload."""
-    if fender.settings.workers > 1 and WORKER_INDEX_ENV in os.environ:
+    supervisor = live_supervisor() if fender.settings.workers > 1 else None
+    if supervisor is not None:
         try:
-            os.kill(os.getppid(), signal.SIGHUP)
+            os.kill(supervisor, signal.SIGHUP)
         except OSError:
             log.warning("could not ask the other workers to reload")
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from config.settings import Settings
 
-__all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "make_run_directory", "replace_file", "run_workers",
+__all__ = ["WORKERS_DIR_ENV", "WORKER_INDEX_ENV", "live_supervisor", "make_run_directory", "replace_file", "run_workers",
            "shared_directory"]
 
 WORKERS_DIR_ENV = "FENDER_WORKERS_DIR"  # the run's files shared between workers (metrics, breaker resets)
 WORKER_INDEX_ENV = "FENDER_WORKER_INDEX"
 _PR_SET_PDEATHSIG = 1  # prctl(2) option, from <linux/prctl.h>
+_supervisor: int | None = None  # in a worker: the pid of the process that forked it
 _RUN_LOCK = "run.lock"  # in a run's directory, flock-ed by its processes for as long as one lives
 
 
@@ -150,6 +151,8 @@ def _supervise(settings: Settings) -> int:
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, remember_signal)
             _stop_with(supervisor)
+            global _supervisor
+            _supervisor = supervisor
             os.environ[WORKER_INDEX_ENV] = str(index)
             os._exit(_child(settings, index))
         children[pid] = index
@@ -170,6 +173,14 @@ def _supervise(settings: Settings) -> int:
                 print(f"fender: worker {index} exited ({exit_code}); stopping the others", file=sys.stderr)
                 forward(signal.SIGTERM, None)
     return status
+
+
+def live_supervisor() -> int | None:
+    """In a worker of `--workers N`, its supervisor's pid while the supervisor lives; else None.
+
+    (A worker draining after its supervisor died has a new parent: init, or a container's
+    pid 1. A signal meant for the supervisor must not go there: SIGHUP reloads systemd.)"""
+    return _supervisor if _supervisor is not None and os.getppid() == _supervisor else None
 
 
 def _stop_with(supervisor: int) -> None:

@@ -173,3 +173,15 @@ def test_the_workers_of_a_killed_supervisor_stop_and_free_the_port(tmp_path):
     with socket.socket() as sock:  # (no SO_REUSEPORT: any listener left on the port refuses it)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", proxy))
+
+
+def test_a_reload_signal_goes_only_to_a_living_supervisor(monkeypatch):
+    # (after the supervisor died, a draining worker's parent is init or a container's pid 1,
+    # and SIGHUP there would reload systemd, not Fender's workers)
+    import proxy.workers
+
+    assert proxy.workers.live_supervisor() is None  # not a worker at all
+    monkeypatch.setattr(proxy.workers, "_supervisor", os.getppid())
+    assert proxy.workers.live_supervisor() == os.getppid()
+    monkeypatch.setattr(proxy.workers, "_supervisor", os.getppid() + 100_000)  # (a parent gone: reparented)
+    assert proxy.workers.live_supervisor() is None
