@@ -14,6 +14,11 @@ until when (`lease_expires_at`, in the database's clock) and a fencing token
   of the old owner fails with `StoreRefused` and its coordinator stops driving
   that saga. Since the coordinator journals its intent before each call, a
   replica that lost a saga cannot send another call for it;
+- trusts a write only if its answer came back while the lease was still valid
+  on its own clock (`0.75 * lease` from when the write was sent): a write that
+  committed in time but whose answer was held up (a slow network, a full pool)
+  may be followed by a takeover, so it fails with `StoreRefused` too, and every
+  write, and every renewal (connection included), gives up at that point;
 - stops driving a saga on its own once its lease may have run out without a
   successful renewal (after `0.75 * lease` on its own clock, measured from when
   the last renewal was sent), which is before the database lets anyone else take
@@ -37,6 +42,7 @@ import re
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -215,6 +221,10 @@ class PostgresSagaStore:
 
     # -- leases ---------------------------------------------------------------------------
 
+    def _within(self, sent: float) -> AbstractAsyncContextManager[object]:
+        """Bounds a round trip (pool acquire and connecting included) sent at `sent` to the local validity."""
+        return self.clock.timeout(max(0.01, sent + self.lease * LOCAL_VALIDITY - self.clock.now()))
+
     def _take(self, saga_id: str, fence: int, sent_at: float) -> None:
         self._held[saga_id] = _Lease(fence, sent_at + self.lease * LOCAL_VALIDITY)
 
@@ -245,12 +255,13 @@ class PostgresSagaStore:
         fences = [self._held[i].fence for i in ids]
         sent = self.clock.now()
         timeout = max(0.05, min(self.lease / 5, min(lease.valid_until for lease in self._held.values()) - sent))
-        rows = await self._pool.fetch(
-            f"UPDATE {self._sagas} AS g SET lease_expires_at = now() + make_interval(secs => $2)"
-            " FROM unnest($3::text[], $4::bigint[]) AS h(id, fence)"
-            " WHERE g.id = h.id AND g.fence = h.fence AND g.owner = $1 RETURNING g.id",
-            self.owner, self.lease, ids, fences, timeout=timeout,
-        )
+        async with self.clock.timeout(timeout):  # the pool's acquire (maybe a new connection) too
+            rows = await self._pool.fetch(
+                f"UPDATE {self._sagas} AS g SET lease_expires_at = now() + make_interval(secs => $2)"
+                " FROM unnest($3::text[], $4::bigint[]) AS h(id, fence)"
+                " WHERE g.id = h.id AND g.fence = h.fence AND g.owner = $1 RETURNING g.id",
+                self.owner, self.lease, ids, fences,
+            )
         renewed = {row["id"] for row in rows}
         for saga_id, fence in zip(ids, fences, strict=True):
             lease = self._held.get(saga_id)
@@ -313,22 +324,25 @@ class PostgresSagaStore:
         terminal = saga.status in TERMINAL
         sent = self.clock.now()
         try:
-            count = await self._pool.fetchval(
-                f"WITH s AS (UPDATE {self._sagas} SET status = $4, header = $5,"
-                " owner = CASE WHEN $6 THEN NULL ELSE owner END,"
-                " lease_expires_at = CASE WHEN $6 THEN NULL ELSE now() + make_interval(secs => $7) END"
-                " WHERE id = $1 AND owner = $2 AND fence = $3 RETURNING id),"
-                f" w AS (INSERT INTO {self._steps} (saga_id, idx, state)"
-                " SELECT s.id, x.idx, x.state FROM s, unnest($8::int[], $9::text[]) AS x(idx, state)"
-                " ON CONFLICT (saga_id, idx) DO UPDATE SET state = EXCLUDED.state)"
-                " SELECT count(*) FROM s",
-                saga.id, self.owner, lease.fence, saga.status, _dumps(saga.header_json()), terminal, self.lease,
-                indexes, [_dumps(saga.steps[i].to_json()) for i in indexes],
-            )
-        except BaseException:
+            async with self._within(sent):
+                count = await self._pool.fetchval(
+                    f"WITH s AS (UPDATE {self._sagas} SET status = $4, header = $5,"
+                    " owner = CASE WHEN $6 THEN NULL ELSE owner END,"
+                    " lease_expires_at = CASE WHEN $6 THEN NULL ELSE now() + make_interval(secs => $7) END"
+                    " WHERE id = $1 AND owner = $2 AND fence = $3 RETURNING id),"
+                    f" w AS (INSERT INTO {self._steps} (saga_id, idx, state)"
+                    " SELECT s.id, x.idx, x.state FROM s, unnest($8::int[], $9::text[]) AS x(idx, state)"
+                    " ON CONFLICT (saga_id, idx) DO UPDATE SET state = EXCLUDED.state)"
+                    " SELECT count(*) FROM s",
+                    saga.id, self.owner, lease.fence, saga.status, _dumps(saga.header_json()), terminal, self.lease,
+                    indexes, [_dumps(saga.steps[i].to_json()) for i in indexes],
+                )
+        except BaseException as exc:
             # unknown whether it was written; the coordinator stops driving this saga either
             # way, so stop renewing it and let a scan take it over once the lease runs out
             self._held.pop(saga.id, None)
+            if isinstance(exc, TimeoutError):
+                raise StoreRefused(f"saga {saga.id!r}: the journal did not answer before its lease may have run out") from exc
             raise
         if count == 0:
             self._held.pop(saga.id, None)
@@ -336,19 +350,26 @@ class PostgresSagaStore:
             raise StoreRefused(f"saga {saga.id!r} is driven by another replica now (fencing token {lease.fence})")
         if terminal:
             self._held.pop(saga.id, None)
-        elif self._held.get(saga.id) is lease:
+            return
+        if self.clock.now() >= sent + self.lease * LOCAL_VALIDITY:
+            # committed, but answered so late that another replica may have taken the saga
+            # over since: the call this write announces must not be sent
+            self._held.pop(saga.id, None)
+            raise StoreRefused(f"saga {saga.id!r}: the journal answered after its lease may have run out")
+        if self._held.get(saga.id) is lease:
             lease.valid_until = sent + self.lease * LOCAL_VALIDITY
 
     async def _claim(self, saga_id: str) -> _Lease:
         """Own a saga nobody holds (a failed one to retry, or an expired lease)."""
         sent = self.clock.now()
-        fence = await self._pool.fetchval(
-            f"UPDATE {self._sagas} SET owner = $1, fence = fence + 1,"
-            " lease_expires_at = now() + make_interval(secs => $2)"
-            " WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_expires_at < now())"
-            " AND status NOT IN ('completed', 'compensated') RETURNING fence",
-            self.owner, self.lease, saga_id,
-        )
+        async with self._within(sent):
+            fence = await self._pool.fetchval(
+                f"UPDATE {self._sagas} SET owner = $1, fence = fence + 1,"
+                " lease_expires_at = now() + make_interval(secs => $2)"
+                " WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_expires_at < now())"
+                " AND status NOT IN ('completed', 'compensated') RETURNING fence",
+                self.owner, self.lease, saga_id,
+            )
         if fence is None:
             await self._refuse_gone(saga_id)
             raise StoreRefused(f"saga {saga_id!r} is driven by another replica")

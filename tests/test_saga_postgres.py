@@ -8,6 +8,7 @@ dropped afterwards. `FENDER_TEST_POSTGRES_URL` overrides the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,11 +17,13 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from policies.clock import MonotonicClock
 from saga.invoker import RouteResponse
 from saga.model import Saga, StepState
 from saga.postgres_store import SCHEMA_VERSION, PostgresSagaStore
@@ -201,6 +204,132 @@ async def test_a_partitioned_replica_stops_its_call_before_another_takes_the_sag
         ("a", "p1:reserve:action"), ("a", "p1:charge:action"),
         ("b", "p1:charge:compensation"), ("b", "p1:reserve:compensation"),
     ]
+
+
+class DelayingProxy:
+    """A TCP proxy in front of PostgreSQL that holds the server's replies back `delay` seconds.
+
+    Writes still reach the database (and commit) on time; only their answers come late.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.delay = 0.0
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self.target)
+        replies: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        for task in (self._pipe(client_r, server_w), self._read(server_r, replies), self._late(replies, client_w)):
+            self.tasks.add(asyncio.create_task(task))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader, replies: asyncio.Queue[tuple[float, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                replies.put_nowait((loop.time() + self.delay, data))
+        replies.put_nowait((loop.time() + self.delay, b""))
+
+    @staticmethod
+    async def _late(replies: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionError):
+            while True:
+                due, data = await replies.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+async def test_a_journal_write_answered_after_the_local_lease_validity_sends_no_call(schema: str) -> None:
+    target = urlsplit(DSN)
+    proxy = DelayingProxy((target.hostname or "127.0.0.1", target.port or 5432))
+    port = await proxy.start()
+    log: list[tuple[str, str, str, float]] = []
+
+    class SlowsTheDatabase(RecordingInvoker):
+        async def invoke(self, route: str, method: str, path: str, headers: Mapping[str, str],
+                         body: bytes | None) -> RouteResponse:
+            response = await super().invoke(route, method, path, headers, body)
+            proxy.delay = 1.5  # from now on the database answers after twice the local validity
+            return response
+
+    store = PostgresSagaStore(urlunsplit(target._replace(netloc=target.netloc.replace(f":{target.port}", f":{port}"))), schema=schema, lease=1.0)
+    service = SagaService("postgresql://unused", SlowsTheDatabase("a", log), dict, store=store)
+    await service.start()
+    try:
+        await service.create(saga_body("late", slow=False))
+        await service.coordinator.wait("late", 5)  # until it stops being driven here
+    finally:
+        proxy.delay = 0.0
+        await service.stop()
+        await proxy.stop()
+    # the intent of `charge` was committed, but its answer came after 0.75 * lease:
+    # another replica may have taken the saga over by then, so `charge` is never sent
+    assert [key for _, key, event, _ in log if event == "sent"] == ["late:reserve:action"]
+
+
+class JumpingClock(MonotonicClock):
+    """The system clock plus `ahead` seconds, for a pause the test decides on."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+async def test_a_write_committed_but_answered_after_the_local_validity_is_refused(schema: str) -> None:
+    clock = JumpingClock()
+    store = PostgresSagaStore(DSN, schema=schema, lease=10.0, clock=clock)
+    await store.open()
+    try:
+        saga = a_saga("s1")
+        assert await store.create(saga) is None
+        pool = store._pool
+
+        class AnsweredLate:  # the pool, but its writes are answered 0.75 * lease after they were sent
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pool, name)
+
+            async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+                result = await pool.fetchval(*args, **kwargs)
+                clock.ahead += 7.5
+                return result
+
+        store._pool = AnsweredLate()
+        saga.status = "running"
+        with pytest.raises(StoreRefused):
+            await store.save(saga, [0])
+        store._pool = pool
+        stored = await store.get("s1")
+        assert stored is not None and stored.status == "running"  # it was committed, just not trusted
+        assert "s1" not in store._held  # no longer renewed: a scan takes it over once the lease runs out
+    finally:
+        await store.close()
 
 
 # -- two `fender run` replicas ------------------------------------------------------------
