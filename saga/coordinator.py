@@ -31,6 +31,7 @@ log = logging.getLogger("fender.saga")
 IDEMPOTENCY_KEY = "Idempotency-Key"
 SAGA_ID_HEADER = "x-fender-saga-id"
 CANCEL_ACK_TIMEOUT = 10.0
+WAIT_POLL = 0.2  # how often `?wait=` reads a saga driven elsewhere from the store
 
 
 class SagaConflict(Exception):
@@ -202,14 +203,27 @@ class SagaCoordinator:
         return runner.saga if runner is not None else await self.store.get(saga_id)
 
     async def wait(self, saga_id: str, seconds: float) -> None:
-        """Until the saga stops being driven (terminal, normally) or `seconds` pass."""
-        runner = self._runners.get(saga_id)
-        if runner is None or seconds <= 0:
-            return
-        try:
-            await asyncio.wait_for(runner.done.wait(), seconds)
-        except TimeoutError:
-            pass
+        """Until the saga is terminal (or gone), or `seconds` pass (real time: `?wait=N`).
+
+        Driven here: until its runner is done. Driven by another replica sharing the
+        store (or by nobody for now): the store is read every WAIT_POLL seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (remaining := deadline - loop.time()) > 0:
+            runner = self._runners.get(saga_id)
+            if runner is not None:
+                try:
+                    await asyncio.wait_for(runner.done.wait(), remaining)
+                except TimeoutError:
+                    return
+                if runner.saga.terminal:
+                    return
+                continue  # stopped here without finishing (e.g. taken over): read the store
+            saga = await self.store.get(saga_id)
+            if saga is None or saga.terminal:
+                return
+            await asyncio.sleep(min(WAIT_POLL, remaining))
 
     async def cancel(self, saga_id: str) -> Saga | None:
         runner = self._runners.get(saga_id)

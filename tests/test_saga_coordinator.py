@@ -477,3 +477,36 @@ async def test_observer_is_told_when_driving_stops_without_a_terminal_status(env
     env.service.set_observer(Recorder())
     await _interrupt_at_charge(env, saga_body())
     assert events == [("started", "s1"), ("stopped", "s1")]
+
+
+async def test_wait_reads_the_store_while_another_replica_drives_the_saga(env: Env) -> None:
+    release = asyncio.Event()
+
+    async def held() -> RouteResponse:
+        await release.wait()
+        return reply(200, {"id": "charge-1"})
+
+    env.participant.on("charge:action", held)
+    await env.service.create(saga_body())
+    await until(lambda: "s1:charge:action" in env.participant.keys())
+    other = env.new_service()  # a second replica on the same journal; it does not drive s1
+    await other.store.open()
+    reads = 0
+    get = other.store.get
+
+    async def reading(saga_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 3:  # the driving replica finishes meanwhile
+            release.set()
+            await env.service.coordinator.wait(saga_id, 5)
+        return await get(saga_id)
+
+    other.store.get = reading  # type: ignore[method-assign]
+    try:
+        await other.coordinator.wait("s1", 5)
+        assert reads == 3  # it kept reading until the saga was terminal, then returned
+        saga = await other.coordinator.get("s1")
+        assert saga is not None and saga.status == "completed"
+    finally:
+        await other.store.close()
