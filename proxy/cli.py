@@ -81,6 +81,7 @@ def _run(config: str | None, workers: int | None) -> int:
     from config.loader import ConfigInvalid
     from config.settings import Settings
     from proxy.logs import configure_logging
+    from saga.store import StoreOpenFailed
 
     try:
         settings = Settings.from_cli(config=config, workers=workers)
@@ -101,6 +102,9 @@ def _run(config: str | None, workers: int | None) -> int:
         return 1
     except OSError as exc:  # most often: a listener address already in use
         print(f"fender: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except StoreOpenFailed as exc:
+        print(f"fender: cannot start: {exc}", file=sys.stderr)
         return 1
 
 

@@ -60,6 +60,7 @@ log = logging.getLogger("fender.saga")
 DEFAULT_LEASE = 15.0
 LOCAL_VALIDITY = 0.75  # share of the lease this replica trusts its last renewal for
 TAKEOVER_BATCH = 100
+CONNECT_TIMEOUT = 10.0  # opening the store: a server that accepts but never answers
 _TERMINAL = sorted(TERMINAL)
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -141,6 +142,7 @@ class PostgresSagaStore:
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.clock = clock
         self.max_connections = max_connections
+        self.connect_timeout = CONNECT_TIMEOUT
         self.recovery_interval = lease / 2  # how often the service scans for sagas to take over
         self.on_lease_lost: Callable[[str], None] | None = None  # the coordinator stops driving it
         self.driving: Callable[[], Collection[str]] | None = None  # ids the coordinator drives
@@ -161,11 +163,12 @@ class PostgresSagaStore:
         own = {k: v for k, v in query if k in ("schema", "lease")}
         rest = urlencode([(k, v) for k, v in query if k not in own])
         lease_text = own.get("lease") or os.environ.get("FENDER_SAGA_LEASE") or DEFAULT_LEASE
-        return cls(
-            urlunsplit(parts._replace(query=rest)),
-            schema=own.get("schema", "public"),
-            lease=parse_duration(lease_text),
-        )
+        try:
+            lease = parse_duration(lease_text)
+        except ValueError as exc:
+            where = "lease" if own.get("lease") else "FENDER_SAGA_LEASE"
+            raise ValueError(f"{where}: {exc}") from None
+        return cls(urlunsplit(parts._replace(query=rest)), schema=own.get("schema", "public"), lease=lease)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -174,9 +177,13 @@ class PostgresSagaStore:
             return
         import asyncpg
 
-        self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.max_connections, command_timeout=max(5.0, self.lease)
-        )
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.max_connections, command_timeout=max(5.0, self.lease),
+                timeout=self.connect_timeout,
+            )
+        except TimeoutError:
+            raise TimeoutError(f"the database did not answer within {self.connect_timeout:g}s") from None
         await self._migrate()
         self._heartbeat = asyncio.create_task(self._heartbeats(), name="saga-lease-heartbeat")
 

@@ -24,7 +24,7 @@ from saga.coordinator import SagaCoordinator
 from saga.invoker import RouteInvoker
 from saga.model import Saga, StepState, definition_hash
 from saga.observer import NULL_OBSERVER, SagaObserver
-from saga.store import SagaStore, open_store
+from saga.store import SagaStore, StoreOpenFailed, open_store, redact
 
 __all__ = ["SagaService", "SagaInvalid", "SagaExists"]
 
@@ -78,7 +78,11 @@ class SagaService:
         self.coordinator.observer = observer
 
     async def start(self) -> None:
-        await self.store.open()
+        try:
+            await self.store.open()
+        except Exception as exc:
+            reason = " ".join((str(exc) or type(exc).__name__).split())
+            raise StoreOpenFailed(f"FENDER_SAGA_STORE {redact(self.store_url)}: cannot open the saga journal: {reason}") from exc
         await self.coordinator.recover()
         takeover = getattr(self.store, "run_takeover", None)  # a shared store: scan for expired leases
         if takeover is not None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from saga.model import Saga
 
-__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "open_store", "unsupported"]
+__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "StoreOpenFailed", "open_store", "unsupported", "redact"]
 
 
 class StoreRefused(Exception):
@@ -22,6 +23,10 @@ class StoreRefused(Exception):
 
 class SagaGone(StoreRefused):
     """The saga was deleted: a write for it is refused, and nothing of it is written."""
+
+
+class StoreOpenFailed(Exception):
+    """The journal could not be opened at start; the message names FENDER_SAGA_STORE (`fender run` prints it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +66,30 @@ SCHEMES = ("sqlite:", "postgresql:", "postgres:")  # what open_store opens
 
 
 def unsupported(url: str) -> str | None:
-    """Why `open_store` cannot open `url`, or None (checked early by config.settings)."""
-    if url.startswith(SCHEMES):
-        return None
-    scheme = url.split(":", 1)[0]  # not the whole URL: it may hold a password
-    return f"unsupported scheme {scheme!r} for the saga store: use sqlite:///path or postgresql://"
+    """Why `open_store` cannot open `url`, or None (checked early by config.settings).
+
+    Checks the scheme and Fender's own query parameters; whether the database is
+    there is only known when the store opens. Never quotes the URL (it may hold a password).
+    """
+    if not url.startswith(SCHEMES):
+        scheme = url.split(":", 1)[0]
+        return f"unsupported scheme {scheme!r} for the saga store: use sqlite:///path or postgresql://"
+    try:
+        open_store(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def redact(url: str) -> str:
+    """`url` without its password (`user:pw@` or `?password=`), for messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query]))
+    return urlunsplit(parts)
 
 
 def open_store(url: str) -> SagaStore:

@@ -24,11 +24,12 @@ import pytest
 from aiohttp import web
 
 from policies.clock import MonotonicClock
+from proxy.cli import main
 from saga.invoker import RouteResponse
 from saga.model import Saga, StepState
 from saga.postgres_store import SCHEMA_VERSION, PostgresSagaStore
 from saga.service import SagaService
-from saga.store import StoreRefused, open_store
+from saga.store import StoreOpenFailed, StoreRefused, open_store
 from tests.conftest import require_service
 from tests.support.processes import FenderProcess
 
@@ -438,3 +439,46 @@ async def test_a_killed_replica_s_sagas_are_finished_by_the_other_and_no_step_is
         assert senders[f"b{i}:charge:action"] == {"b"}
         # taken over only once a's lease could have run out, not at once
         assert participant.calls[f"a{i}:charge:compensation"][0][1] - killed_at > 1.0
+
+async def test_a_database_that_accepts_but_never_answers_fails_the_start_naming_the_store() -> None:
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # holds the connection open and says nothing
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"postgresql://app:s3cret@127.0.0.1:{port}/test"
+    service = SagaService(url, RecordingInvoker("a", []), dict)
+    assert isinstance(service.store, PostgresSagaStore)
+    service.store.connect_timeout = 0.3
+    try:
+        with pytest.raises(StoreOpenFailed) as failed:
+            await asyncio.wait_for(service.start(), 5)
+    finally:
+        server.close()
+        for writer in silent:
+            writer.close()
+    assert str(failed.value) == (
+        f"FENDER_SAGA_STORE postgresql://app:***@127.0.0.1:{port}/test:"
+        " cannot open the saga journal: the database did not answer within 0.3s"
+    )
+
+
+def test_fender_run_with_a_missing_database_prints_one_line_naming_the_store(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    require_service("postgresql", "127.0.0.1", 5432)
+    target = urlsplit(DSN)
+    url = urlunsplit(target._replace(netloc=f"postgres:s3cret@{target.hostname}:{target.port}", path="/nosuchdb_x"))
+    config = tmp_path / "fender.yaml"
+    config.write_text(CONFIG.format(up="http://127.0.0.1:9"))
+    for name, value in (("SAGA_STORE", url), ("PROXY_ADDR", "127.0.0.1:0"), ("ADMIN_ADDR", "127.0.0.1:0"),
+                        ("METRICS_ADDR", "127.0.0.1:0"), ("DATA_DIR", str(tmp_path))):
+        monkeypatch.setenv(f"FENDER_{name}", value)
+    assert main(["run", "--config", str(config)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]  # (JSON logs)
+    assert err == [
+        f"fender: cannot start: FENDER_SAGA_STORE postgresql://postgres:***@{target.hostname}:{target.port}"
+        '/nosuchdb_x: cannot open the saga journal: database "nosuchdb_x" does not exist'
+    ]
