@@ -247,16 +247,24 @@ class PostgresSagaStore:
         failing = False
         while True:
             # the database may be unreachable: then the local deadlines decide
-            failing = await _keep_trying(self.renew, "saga lease heartbeat", failing)
+            renew = (lambda: self.renew(probe=True)) if failing else self.renew
+            failing = await _keep_trying(renew, "saga lease heartbeat", failing)
             self._expire_local()
             now = self.clock.now()
             soonest = min((lease.valid_until for lease in self._held.values()), default=now + interval)
             await self.clock.sleep(max(0.01, min(interval, soonest - now)))
 
-    async def renew(self) -> None:
-        """Extend every lease this replica holds and drives; drop those it no longer owns."""
+    async def renew(self, *, probe: bool = False) -> None:
+        """Extend every lease this replica holds and drives; drop those it no longer owns.
+
+        With nothing to renew it does nothing, unless `probe`: then it still makes one round
+        trip, so that a heartbeat that failed is reported working only once the database answers.
+        """
         self._forget_idle()
         if not self._held:
+            if probe:
+                async with self.clock.timeout(self.lease / 5):
+                    await self._pool.fetchval("SELECT 1")
             return
         ids = list(self._held)
         fences = [self._held[i].fence for i in ids]

@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from policies.clock import MonotonicClock
+from policies.testing import FakeClock
 from proxy.cli import main
 from saga.invoker import RouteResponse
 from saga.model import Saga, StepState
@@ -482,3 +483,36 @@ def test_fender_run_with_a_missing_database_prints_one_line_naming_the_store(
         f"fender: cannot start: FENDER_SAGA_STORE postgresql://postgres:***@{target.hostname}:{target.port}"
         '/nosuchdb_x: cannot open the saga journal: database "nosuchdb_x" does not exist'
     ]
+
+
+async def test_the_heartbeat_is_reported_working_again_only_once_the_database_answers(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    store = PostgresSagaStore(DSN, schema=schema, lease=1.0, clock=clock)
+    lost = asyncio.Event()
+    store.on_lease_lost = lambda saga_id: lost.set()
+    await store.open()
+    pool = store._pool
+
+    class Down:  # the database is unreachable
+        def __getattr__(self, name: str) -> Any:
+            raise OSError("connection refused")
+
+    async def rounds(count: int) -> None:  # heartbeat rounds, each ending in a (fake) sleep
+        until = len(clock.sleeps) + count
+        while len(clock.sleeps) < until:
+            await asyncio.sleep(0.001)
+
+    try:
+        assert await store.create(a_saga("s1")) is None
+        store._pool = Down()
+        await asyncio.wait_for(lost.wait(), 5)  # the lease ran out locally: nothing is held now
+        await rounds(5)
+        assert "works again" not in caplog.text  # nothing to renew is no sign that the database is back
+        store._pool = pool
+        await rounds(2)
+        assert caplog.text.count("saga lease heartbeat works again") == 1
+    finally:
+        store._pool = pool
+        await store.close()
