@@ -478,8 +478,13 @@ class SagaCoordinator:
         policy = spec.compensation_retry or saga.spec.compensation_retry
         backoff = FullJitterBackoff(policy.base, policy.max)
         comp = step.compensation = step.compensation or Compensation()
-        last = _error("compensation_failed", "not attempted")
-        for attempt in range(1, policy.attempts + 1):
+        if comp.status == "failed":  # parked, and retried by request: a new round
+            comp.round_start = comp.attempts
+        # resumed after a restart or a takeover: the round goes on with the attempts it has left
+        # (an attempt that was in flight counts as used)
+        first = comp.attempts - comp.round_start + 1
+        last = dict(_INTERRUPTED) if comp.status == "running" else comp.error or _error("compensation_failed", "not attempted")
+        for attempt in range(first, policy.attempts + 1):
             try:
                 call = prepare(saga, spec.compensation, step.name, "compensation")
             except TemplateError as exc:  # retrying cannot help

@@ -60,13 +60,17 @@ class Compensation:
     attempts: int = 0
     response: dict[str, Any] | None = None
     error: dict[str, str] | None = None  # journal only: the last attempt's failure
+    round_start: int = 0  # journal only: `attempts` when the current round of retries began
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "attempts": self.attempts, "response": self.response, "error": self.error}
+        return {
+            "status": self.status, "attempts": self.attempts, "response": self.response, "error": self.error,
+            "round_start": self.round_start,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Compensation:
-        return cls(data["status"], data["attempts"], data.get("response"), data.get("error"))
+        return cls(data["status"], data["attempts"], data.get("response"), data.get("error"), data.get("round_start", 0))
 
 
 @dataclass(slots=True)

@@ -510,3 +510,27 @@ async def test_wait_reads_the_store_while_another_replica_drives_the_saga(env: E
         assert saga is not None and saga.status == "completed"
     finally:
         await other.store.close()
+
+
+async def test_a_compensation_resumed_after_a_restart_keeps_the_attempts_it_already_used(env: Env) -> None:
+    never = asyncio.Event()
+
+    async def hang() -> RouteResponse:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    env.participant.on("charge:action", 500)
+    env.participant.on("reserve:compensation", 503, 503, hang)
+    await env.service.create(saga_body(compensation_retry={"attempts": 5, "base": "10ms", "max": "1s"}))
+    await until(lambda: env.participant.keys().count("s1:reserve:compensation") == 3)
+    await env.service.stop()  # a crash during the third attempt
+    after = Participant(env.clock)
+    after.on("reserve:compensation", 503)
+    env.service = env.new_service(after)
+    await env.service.start()
+    await env.service.coordinator.wait("s1", 10)
+    record = (await env.service.store.get("s1")).record()  # type: ignore[union-attr]
+    assert record["status"] == "failed"
+    assert after.keys() == expected("s1", "reserve:compensation", "reserve:compensation")  # 4th and 5th
+    assert record["steps"][0]["compensation"]["attempts"] == 5
+    assert "after 5 attempt(s)" in record["error"]["message"]
