@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from config.redact import redact, redact_url
 from policies.base import RequestContext
 from policies.circuit_breaker import CircuitBreakerPolicy
 from policies.events import BreakerTransitioned
 from proxy.breaker_resets import ResetAnnouncer, ResetFollower
 from proxy.config_watch import ConfigWatcher, fingerprint, interval_from_env
 from proxy.openapi import openapi_document
-from proxy.redact import redact, redact_url
 from proxy.workers import live_supervisor, shared_directory
 
 if TYPE_CHECKING:

@@ -18,13 +18,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from config.loader import validation_issues
+from config.redact import redact_url
 from config.saga_models import SagaRequestModel, SagaTemplateModel
 from policies.clock import SYSTEM_CLOCK, Clock
 from saga.coordinator import SagaCoordinator
 from saga.invoker import RouteInvoker
 from saga.model import Saga, StepState, definition_hash
 from saga.observer import NULL_OBSERVER, SagaObserver
-from saga.store import SagaStore, StoreOpenFailed, open_store, redact
+from saga.store import SagaStore, StoreOpenFailed, open_store
 
 __all__ = ["SagaService", "SagaInvalid", "SagaExists"]
 
@@ -82,7 +83,7 @@ class SagaService:
             await self.store.open()
         except Exception as exc:
             reason = " ".join((str(exc) or type(exc).__name__).split())
-            raise StoreOpenFailed(f"FENDER_SAGA_STORE {redact(self.store_url)}: cannot open the saga journal: {reason}") from exc
+            raise StoreOpenFailed(f"FENDER_SAGA_STORE {redact_url(self.store_url)}: cannot open the saga journal: {reason}") from exc
         await self.coordinator.recover()
         takeover = getattr(self.store, "run_takeover", None)  # a shared store: scan for expired leases
         if takeover is not None:

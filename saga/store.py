@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from saga.model import Saga
 
-__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "StoreOpenFailed", "open_store", "unsupported", "redact"]
+__all__ = ["SagaStore", "Page", "StoreRefused", "SagaGone", "StoreOpenFailed", "open_store", "unsupported"]
 
 
 class StoreRefused(Exception):
@@ -79,17 +78,6 @@ def unsupported(url: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
-
-def redact(url: str) -> str:
-    """`url` without its password (`user:pw@` or `?password=`), for messages."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k == "password" for k, _ in query):
-        parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query]))
-    return urlunsplit(parts)
 
 
 def open_store(url: str) -> SagaStore:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.redact import REDACTED, redact, redact_url
+from config.redact import REDACTED, redact, redact_url
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -17,6 +17,12 @@ def test_urls_lose_only_their_password() -> None:
     assert redact_url("https://token@host/path") == "https://<redacted>@host/path"  # a user name alone is often the secret
     assert redact_url("http://host:8080") == "http://host:8080"
     assert redact_url("redis://:pw@cache:6379/0") == f"redis://:{REDACTED}@cache:6379/0"
+    # (libpq and redis-py take a password from the query too)
+    assert redact_url("postgresql://db/x?user=app&password=s3cret&sslmode=require") == (
+        "postgresql://db/x?user=app&password=%3Credacted%3E&sslmode=require"
+    )
+    assert redact_url("postgresql://app:pw@db/x?password=s3cret").count("s3cret") == 0
+    assert redact_url("http://host/path?passwords=x") == "http://host/path?passwords=x"
 
 
 def test_secret_keys_and_credential_values_are_replaced_anywhere() -> None:

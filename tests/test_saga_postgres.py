@@ -461,7 +461,7 @@ async def test_a_database_that_accepts_but_never_answers_fails_the_start_naming_
         for writer in silent:
             writer.close()
     assert str(failed.value) == (
-        f"FENDER_SAGA_STORE postgresql://app:***@127.0.0.1:{port}/test:"
+        f"FENDER_SAGA_STORE postgresql://app:<redacted>@127.0.0.1:{port}/test:"
         " cannot open the saga journal: the database did not answer within 0.3s"
     )
 
@@ -480,7 +480,7 @@ def test_fender_run_with_a_missing_database_prints_one_line_naming_the_store(
     assert main(["run", "--config", str(config)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]  # (JSON logs)
     assert err == [
-        f"fender: cannot start: FENDER_SAGA_STORE postgresql://postgres:***@{target.hostname}:{target.port}"
+        f"fender: cannot start: FENDER_SAGA_STORE postgresql://postgres:<redacted>@{target.hostname}:{target.port}"
         '/nosuchdb_x: cannot open the saga journal: database "nosuchdb_x" does not exist'
     ]
 

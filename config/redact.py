@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = ["REDACTED", "redact", "redact_url", "is_secret_key", "looks_like_secret"]
 
@@ -33,6 +33,7 @@ _CREDENTIAL_VALUE = re.compile(
     re.IGNORECASE,
 )
 _URL_WITH_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@")
+_QUERY_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*\?(?:[^#]*&)?password=")
 
 
 def is_secret_key(key: str) -> bool:
@@ -44,13 +45,20 @@ def looks_like_secret(value: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """The URL with the password of its userinfo replaced; other URLs unchanged."""
-    if not _URL_WITH_USERINFO.match(url):
+    """The URL with the password of its userinfo, and a `password=` query value, replaced;
+    other URLs unchanged (libpq and redis-py both take a password from the query too)."""
+    has_query_password = _QUERY_PASSWORD.search(url) is not None
+    if not _URL_WITH_USERINFO.match(url) and not has_query_password:
         return url
     try:
         parts = urlsplit(url)
     except ValueError:
         return REDACTED
+    if has_query_password:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        parts = parts._replace(query=urlencode([(k, REDACTED if k == "password" else v) for k, v in query]))
+    if "@" not in parts.netloc:
+        return urlunsplit(parts)
     user, _, host = parts.netloc.rpartition("@")
     if parts.password is None:
         # `https://<token>@host`: a user name alone is often the secret
