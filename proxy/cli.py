@@ -6,9 +6,14 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = ["main"]
 
@@ -61,18 +66,33 @@ def _check(path: str) -> int:
         for issue in exc.errors:
             print(str(issue))
         return 1
+    from pydantic import ValidationError
+
     from config.checks import warnings
     from config.settings import Settings
 
+    redis_configured: bool | None = None
+    settings_problems: list[str] = []
     try:
-        redis_configured: bool | None = bool(Settings().redis_url)
-    except Exception:  # bad FENDER_* values must not stop a config check
-        redis_configured = None
+        redis_configured = bool(Settings().redis_url)
+    except ValidationError as exc:
+        # the config is what is checked (its exit code), but `fender run` would refuse these
+        settings_problems = _settings_errors(exc)
+        if not any(line.startswith("FENDER_REDIS_URL:") for line in settings_problems):
+            redis_configured = bool(os.environ.get("FENDER_REDIS_URL"))
     found = warnings(loaded.config, redis_configured=redis_configured)
     for issue in found:
         print(f"warning: {issue}")
+    for line in settings_problems:
+        print(f"warning: {line} (`fender run` refuses to start with it)")
     print(f"{path}: ok ({len(loaded.config.routes)} routes, hash {loaded.hash})", file=sys.stderr)
     return 0
+
+
+def _settings_errors(exc: ValidationError) -> list[str]:
+    """One `FENDER_<NAME>: <message>` line per bad setting (the messages never echo the value)."""
+    return [f"FENDER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_url=False)]
 
 
 def _run(config: str | None, workers: int | None) -> int:
@@ -86,8 +106,8 @@ def _run(config: str | None, workers: int | None) -> int:
     try:
         settings = Settings.from_cli(config=config, workers=workers)
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            print(f"FENDER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}", file=sys.stderr)
+        for line in _settings_errors(exc):
+            print(line, file=sys.stderr)
         return 1
     configure_logging(settings.log_level)
     try:

@@ -110,3 +110,25 @@ routes:
 """
     found = warnings(load_text(text).config)
     assert [i.loc for i in found] == ["defaults.chain[1]"]
+
+
+def test_fender_check_warns_of_settings_that_fender_run_would_refuse(monkeypatch, capsys, tmp_path):
+    # the config is valid (exit 0), but the same shell's `fender run` would exit 1: say so, masked
+    from proxy.cli import main
+
+    path = tmp_path / "fender.yaml"
+    path.write_text("routes: [{name: a, upstream: 'http://x', chain: [{rate_limit: {rate: 10/s, backend: redis}}]}]")
+    monkeypatch.setenv("FENDER_REDIS_URL", "redis://:s3cret@localhost:notaport/0")
+    monkeypatch.setenv("FENDER_LOG_LEVEL", "loud")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["warning"] * 2
+    assert out[0].startswith("warning: FENDER_REDIS_URL: ") and out[0].endswith("refuses to start with it)")
+    assert out[1].startswith("warning: FENDER_LOG_LEVEL: ")
+    assert "s3cret" not in "\n".join(out)
+    # with FENDER_REDIS_URL unset as well, the redis-backed limit is flagged as before
+    monkeypatch.delenv("FENDER_REDIS_URL")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "routes[0].chain[0]: rate_limit uses backend redis but FENDER_REDIS_URL is not set" in out
+    assert "FENDER_LOG_LEVEL" in out
