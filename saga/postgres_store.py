@@ -28,6 +28,18 @@ until when (`lease_expires_at`, in the database's clock) and a fencing token
 
 A saga in a terminal status has no owner; `retry` of a failed saga claims it again.
 
+Listing order. Pages are cursored by `seq`, which a sequence hands out at INSERT
+while the row shows only at COMMIT, so a create can commit after one with a higher
+seq; a reader that had moved its cursor past the lower seq would never list it.
+Each create holds a shared advisory lock (per schema) from before it takes its seq
+until it commits, and a page takes the same lock exclusively before it reads: so
+every seq handed out before the read is committed (or rolled back) when the read
+sees the table, and every seq handed out after is higher than any it returns.
+Creates still run side by side and commit together; only a listing waits, for
+the creates in flight. (An exclusive lock on create would be simpler still, but
+would serialise every create of every replica on its commit.) SQLite needs none of
+this: one connection writes, and the seq is taken inside its serial transaction.
+
 Schema: tables `fender_sagas`, `fender_saga_steps` and `fender_schema_version` in
 `schema` (default `public`), created or migrated on open under an advisory lock.
 """
@@ -151,6 +163,7 @@ class PostgresSagaStore:
         self._heartbeat: asyncio.Task[None] | None = None
         self._sagas = f"{schema}.fender_sagas"
         self._steps = f"{schema}.fender_saga_steps"
+        self._create_lock = f"fender-saga-create:{schema}"
 
     @classmethod
     def from_url(cls, url: str) -> PostgresSagaStore:
@@ -310,6 +323,8 @@ class PostgresSagaStore:
     async def create(self, saga: Saga) -> Saga | None:
         sent = self.clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
+            # before the INSERT takes its seq, held until the commit (see "Listing order")
+            await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", self._create_lock)
             fence = await conn.fetchval(
                 f"INSERT INTO {self._sagas} (id, status, def_hash, definition, header, owner, fence, lease_expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6, 1, now() + make_interval(secs => $7))"
@@ -432,7 +447,11 @@ class PostgresSagaStore:
         if status:
             args.append(list(status))
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(sql, *args)
+            # waits for the creates in flight (see "Listing order"); read committed whatever the
+            # server's default, so the SELECT's snapshot is taken after the lock, not at BEGIN
+            async with conn.transaction(isolation="read_committed", readonly=True):
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._create_lock)
+                rows = await conn.fetch(sql, *args)
             more = len(rows) > limit
             rows = rows[:limit]
             items = await self._load(conn, rows)
@@ -444,6 +463,8 @@ class PostgresSagaStore:
         Sagas this replica already holds are not returned: its coordinator drives them.
         """
         sent = self.clock.now()
+        # no create lock needed here, unlike `page`: every scan starts again from the lowest seq (no
+        # cursor), and a saga whose create is in flight is leased to its creator anyway
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 f"UPDATE {self._sagas} AS g SET owner = $1, fence = g.fence + 1,"

@@ -137,6 +137,84 @@ async def test_a_replica_that_cannot_renew_stops_driving_before_the_lease_runs_o
         await store.close()
 
 
+class CommitHeldBack:
+    """The pool, but a create stops after its saga row (seq taken) and before its steps and commit, until released."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.inserted = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        gate = self
+
+        class Held:
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.conn, name)
+
+            async def execute(self, sql: str, *args: Any) -> Any:
+                if "fender_saga_steps" in sql:
+                    gate.inserted.set()
+                    await gate.release.wait()
+                return await self.conn.execute(sql, *args)
+
+        async with self.pool.acquire() as conn:
+            yield Held(conn)
+
+
+async def test_paging_does_not_skip_a_saga_whose_create_commits_after_a_later_one(schema: str) -> None:
+    import asyncpg
+
+    # seq is handed out at INSERT, a row is seen at COMMIT: replica a's create takes seq 1
+    # and commits only after b's creates (seq 2 and 3) have
+    a = PostgresSagaStore(DSN, schema=schema, lease=10.0)
+    b = PostgresSagaStore(DSN, schema=schema, lease=10.0)
+    await a.open()
+    await b.open()
+    gate = CommitHeldBack(a._pool)
+    a._pool = gate
+    watcher = await asyncpg.connect(DSN)
+    early = asyncio.create_task(a.create(a_saga("early")))
+    try:
+        await asyncio.wait_for(gate.inserted.wait(), 5)
+        for saga_id in ("late", "later"):
+            assert await b.create(a_saga(saga_id)) is None
+        first = asyncio.create_task(b.page(None, 1, None))
+        deadline = time.monotonic() + 5
+        while not first.done():  # it either answers or waits for the create in flight
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND objid = (hashtext($1)::bigint & 4294967295)::oid",
+                b._create_lock,
+            )
+            if waiting:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        gate.release.set()
+        assert await early is None
+        page = await first
+        seen = [s.id for s in page.items]
+        while page.next_cursor is not None:
+            page = await b.page(None, 1, page.next_cursor)
+            seen += [s.id for s in page.items]
+        assert seen == ["early", "late", "later"]
+    finally:
+        gate.release.set()
+        await asyncio.gather(early, return_exceptions=True)
+        a._pool = gate.pool
+        await watcher.close()
+        await a.close()
+        await b.close()
+
+
 class RecordingInvoker:
     """A replica's route calls, logged as (replica, key, event, time); `/slow` paths hang."""
 
