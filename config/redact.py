@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["REDACTED", "redact", "redact_url", "is_secret_key", "looks_like_secret"]
+__all__ = ["REDACTED", "redact", "redact_url", "mask_url_password", "is_secret_key", "looks_like_secret"]
 
 REDACTED = "<redacted>"
 
@@ -33,6 +33,9 @@ _CREDENTIAL_VALUE = re.compile(
     re.IGNORECASE,
 )
 _URL_WITH_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_AUTHORITY_END = re.compile(r"[/?#]")
+_PASSWORD_PIECES = re.compile(r"[:/?#@&=;]")
 _QUERY_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*\?(?:[^#]*&)?password=")
 
 
@@ -44,9 +47,57 @@ def looks_like_secret(value: str) -> bool:
     return bool(_CREDENTIAL_VALUE.search(value))
 
 
+def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, user, what follows the userinfo) when the URL's password holds an unescaped
+    `/`, `?` or `#`: urlsplit ends the authority there, and `app:pa#ss@db` reads as host `app`,
+    port `pa`. The "port" then is no number; `host:8080/a@b` is left alone (a path's `@`)."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    rest = url[scheme.end():]
+    head = _AUTHORITY_END.split(rest, maxsplit=1)[0]
+    if "@" in head or "@" not in rest or ":" not in head or head.startswith("["):
+        return None
+    user, _, port = head.partition(":")
+    if port.isdigit():
+        return None
+    return scheme.group(0), user, rest.rpartition("@")[2]
+
+
+def _passwords(url: str) -> list[str]:
+    """The passwords `url` carries (userinfo and `password=` query values), as written and decoded."""
+    found: list[str] = []
+    scheme = _SCHEME.match(url)
+    if scheme is not None:
+        rest = url[scheme.end():]
+        head = _AUTHORITY_END.split(rest, maxsplit=1)[0]
+        if "@" in head:
+            found.append(head.rpartition("@")[0].partition(":")[2])
+        elif _cut_short_userinfo(url) is not None:
+            found.append(rest.rpartition("@")[0].partition(":")[2])
+    query = url.partition("?")[2].partition("#")[0]
+    found += [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "password"]
+    found += [unquote(p) for p in found]
+    return [p for p in found if p]
+
+
+def mask_url_password(text: str, url: str) -> str:
+    """`text` (a message about `url`, from a client library) with the URL's password, and every
+    piece of it a parser may have cut out and quoted (`invalid port 'pa'`), replaced by `***`."""
+    pieces = {piece for secret in _passwords(url) for piece in (secret, *_PASSWORD_PIECES.split(secret))
+              if len(piece) > 1}  # (a single character tells nothing, and would garble the message)
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
     """The URL with the password of its userinfo, and a `password=` query value, replaced;
     other URLs unchanged (libpq and redis-py both take a password from the query too)."""
+    cut_short = _cut_short_userinfo(url)
+    if cut_short is not None:
+        scheme, user, after = cut_short
+        return redact_url(f"{scheme}{user}:{REDACTED}@{after}")
     has_query_password = _QUERY_PASSWORD.search(url) is not None
     if not _URL_WITH_USERINFO.match(url) and not has_query_password:
         return url

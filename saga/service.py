@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from config.loader import validation_issues
-from config.redact import redact_url
+from config.redact import mask_url_password, redact_url
 from config.saga_models import SagaRequestModel, SagaTemplateModel
 from policies.clock import SYSTEM_CLOCK, Clock
 from saga.coordinator import SagaCoordinator
@@ -82,7 +82,8 @@ class SagaService:
         try:
             await self.store.open()
         except Exception as exc:
-            reason = " ".join((str(exc) or type(exc).__name__).split())
+            # (a driver's message may quote a piece of the password it misread as a host or a port)
+            reason = mask_url_password(" ".join((str(exc) or type(exc).__name__).split()), self.store_url)
             raise StoreOpenFailed(f"FENDER_SAGA_STORE {redact_url(self.store_url)}: cannot open the saga journal: {reason}") from exc
         await self.coordinator.recover()
         takeover = getattr(self.store, "run_takeover", None)  # a shared store: scan for expired leases

@@ -65,3 +65,17 @@ def test_secret_keys_and_credential_values_are_replaced_anywhere() -> None:
 def test_names_that_merely_contain_secret_words_as_policy_names_are_kept() -> None:
     doc = {"policies": {"token-breaker": {"circuit_breaker": {"consecutive_failures": 3}}}}
     assert redact(doc) == doc
+
+
+def test_a_password_holding_an_unescaped_slash_question_mark_or_hash_is_still_hidden() -> None:
+    # (urlsplit ends the authority at the first / ? or #, so the password looked like a host
+    # and a port, and the URL was shown whole: in the start-up error of an unopenable store)
+    for url in ("postgresql://app:pa#ss@db:5432/x", "postgresql://app:pa?ss@db/x", "postgresql://app:pa/ss@db/x",
+                "redis://:/s3cret@cache:6379/0"):
+        shown = redact_url(url)
+        assert ":pa" not in shown and "ss@" not in shown and "s3cret" not in shown, shown
+        assert shown.endswith("/0") or shown.endswith("/x"), shown
+    assert redact_url("postgresql://app:pa#ss@db:5432/x") == f"postgresql://app:{REDACTED}@db:5432/x"
+    # a path with an @ after a host and a port is not a password
+    assert redact_url("http://host:8080/users/@me") == "http://host:8080/users/@me"
+    assert redact_url("http://[::1]/a@b") == "http://[::1]/a@b"

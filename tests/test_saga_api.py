@@ -272,3 +272,18 @@ async def test_a_failing_journal_is_a_503_with_a_json_body(api: tuple[TestClient
     resp = await client.post("/v1/sagas", json=saga_body("x"))
     assert resp.status == 503
     assert (await resp.json())["error"] == "saga_store_unavailable"
+
+
+@pytest.mark.parametrize("password", ["pa#ss", "pa/ss", "pa?ss"])
+async def test_a_store_that_cannot_open_never_shows_a_password_with_reserved_characters(password: str) -> None:
+    # (asyncpg reads `app:pa` as a host and a port when the password is not percent-encoded, and
+    # its error quotes the "port": the password's first part)
+    from saga.service import SagaService
+    from saga.store import StoreOpenFailed
+
+    service = SagaService(f"postgresql://app:{password}@127.0.0.1:9/test", None, dict)  # type: ignore[arg-type]
+    with pytest.raises(StoreOpenFailed) as failed:
+        await service.start()
+    message = str(failed.value)
+    assert message.startswith("FENDER_SAGA_STORE postgresql://app:<redacted>@127.0.0.1:9/test: cannot open"), message
+    assert password not in message and "'pa'" not in message and "ss@" not in message, message
