@@ -111,7 +111,13 @@ class UpstreamModel(Frozen):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("an upstream must be an http:// or https:// URL with a host")
-        check_host(parts.hostname, "the upstream host")
+        try:
+            check_host(parts.hostname, "the upstream host")
+        except ValueError:
+            if "@" not in value:
+                raise
+            # an unescaped / in a credential ends the authority early: the "host" is its start
+            raise ValueError("the upstream host is not a host name or an IP address") from None
         if parts.query or parts.fragment:
             raise ValueError("an upstream URL takes no query or fragment")
         try:

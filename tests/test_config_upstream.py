@@ -69,3 +69,11 @@ def test_fender_check_prints_the_located_error(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         r"routes[0].upstream.tls.server_name: server_name 'pay\tments' is not a host name or an IP address"
     ]
+
+
+@pytest.mark.parametrize("url", ["https://xK9+Qz/4TmS=@api.example.com", "https://to$ken/x@api.example.com"])
+def test_a_host_that_is_the_start_of_an_unescaped_credential_is_not_quoted(url):
+    # (a token with a / in the userinfo ends urlsplit's authority early: what it calls the host is
+    # the token's start, and errors are shown by fender check, the log and GET /config)
+    [issue] = issues(route(f"'{url}'"))
+    assert issue == "routes[0].upstream.url: the upstream host is not a host name or an IP address"
