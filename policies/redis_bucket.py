@@ -114,7 +114,9 @@ def url_problem(url: str) -> str | None:
     except Exception as exc:  # ValueError mostly: a scheme, port or query value redis-py refuses
         problem = str(exc).rstrip(".")
     password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]  # never echoed, nor part of it
-    for piece in filter(None, re.split("[:/]", password)):
+    # (urlsplit ends the authority at the first / ? or # of an unescaped password, and quotes what
+    # it took for the port: a piece of the password)
+    for piece in filter(None, re.split("[:/?#]", password)):
         problem = problem.replace(piece, "***")
     return f"{problem}: use redis://[:password@]host:port/db, rediss://... or unix:///path"
 
