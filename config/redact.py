@@ -50,7 +50,8 @@ def looks_like_secret(value: str) -> bool:
 def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
     """(scheme://, user, what follows the userinfo) when the URL's password holds an unescaped
     `/`, `?` or `#`: urlsplit ends the authority there, and `app:pa#ss@db` reads as host `app`,
-    port `pa`. The "port" then is no number; `host:8080/a@b` is left alone (a path's `@`)."""
+    port `pa`. The "port" then is no number, or the URL is no web address (a database's path, the
+    database name, holds no `@`); `http://host:8080/a@b` is left alone (a path's `@`)."""
     scheme = _SCHEME.match(url)
     if scheme is None:
         return None
@@ -59,7 +60,7 @@ def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
     if "@" in head or "@" not in rest or ":" not in head or head.startswith("["):
         return None
     user, _, port = head.partition(":")
-    if port.isdigit():
+    if port.isdigit() and scheme.group(0).lower() in ("http://", "https://"):
         return None
     return scheme.group(0), user, rest.rpartition("@")[2]
 

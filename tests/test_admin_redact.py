@@ -76,6 +76,8 @@ def test_a_password_holding_an_unescaped_slash_question_mark_or_hash_is_still_hi
         assert ":pa" not in shown and "ss@" not in shown and "s3cret" not in shown, shown
         assert shown.endswith("/0") or shown.endswith("/x"), shown
     assert redact_url("postgresql://app:pa#ss@db:5432/x") == f"postgresql://app:{REDACTED}@db:5432/x"
+    # (a password starting with digits read as a port: only a web address has an @ in its path)
+    assert redact_url("postgresql://app:123/x@db/x") == f"postgresql://app:{REDACTED}@db/x"
     # a path with an @ after a host and a port is not a password
     assert redact_url("http://host:8080/users/@me") == "http://host:8080/users/@me"
     assert redact_url("http://[::1]/a@b") == "http://[::1]/a@b"
