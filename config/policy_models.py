@@ -164,7 +164,7 @@ class CircuitBreakerModel(Frozen):
         if self.consecutive_failures is not None and self.mode == "rate":
             raise ValueError(
                 "choose either consecutive_failures or failure-rate mode "
-                "(failure_rate, window, window_calls, slow_call_duration), not both"
+                "(failure_rate, window, window_calls, min_calls, slow_call_duration, slow_call_rate), not both"
             )
         if self.window is not None and self.window_calls is not None:
             raise ValueError("choose either window (time) or window_calls (count), not both")
@@ -178,7 +178,11 @@ class CircuitBreakerModel(Frozen):
     def mode(self) -> Literal["consecutive", "rate"]:
         """Any failure-rate knob selects that mode; the others then take SPEC's defaults."""
         rate_knobs = (self.failure_rate, self.window, self.window_calls, self.slow_call_duration)
-        return "consecutive" if all(knob is None for knob in rate_knobs) else "rate"
+        if any(knob is not None for knob in rate_knobs):
+            return "rate"
+        # the two with a number for a default count only when written: `{slow_call_rate: 0.5}`
+        # alone asks for rate mode, rather than being dropped by the consecutive breaker
+        return "rate" if self.model_fields_set & {"min_calls", "slow_call_rate"} else "consecutive"
 
 
 class RateLimitModel(Frozen):

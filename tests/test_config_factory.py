@@ -169,6 +169,17 @@ def test_any_failure_rate_knob_selects_rate_mode_with_specs_defaults_for_the_res
         load_text(breakers("{window: 30s, consecutive_failures: 3}"))
 
 
+def test_min_calls_or_slow_call_rate_written_alone_ask_for_rate_mode_too():
+    # (they have numbers for defaults, but written down they mean the rate breaker: not dropped)
+    machines = machines_of(breakers("{slow_call_rate: 0.5}", "{min_calls: 10}", "{}"))
+    assert [(m.failure_rate, m.min_calls, m.slow_call_duration, m.slow_call_rate) for m in machines[:2]] == [
+        (0.5, 20, 2.0, 0.5), (0.5, 10, 2.0, 1.0)]
+    assert machines[2].window is None  # nothing written: consecutive mode, SPEC's default
+    for knobs in ("{consecutive_failures: 3, min_calls: 10}", "{consecutive_failures: 3, slow_call_rate: 0.5}"):
+        with pytest.raises(ConfigInvalid, match="either consecutive_failures or failure-rate mode"):
+            load_text(breakers(knobs))
+
+
 async def test_reload_keeps_the_state_of_unchanged_policies_and_renews_changed_ones():
     clock = FakeClock()
     factory = PolicyFactory(clock=clock)
