@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets:
             if target.managed is not None:
                 target.managed.stop()
+        upstream.stop()  # (again, if it was a target: stop() of a stopped server does nothing)
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - started_at

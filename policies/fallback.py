@@ -53,7 +53,8 @@ class FallbackPolicy:
         self.kinds = kinds - {"5xx"}
         self.on_5xx = "5xx" in kinds
         self.status = status
-        out_headers = dict(headers or {})
+        # x-fender-fallback is Fender's to set (outcome): a configured one would go out twice
+        out_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "x-fender-fallback"}
         if isinstance(body, dict | list):
             data = json.dumps(body, separators=(",", ":")).encode()
             if not any(k.lower() == "content-type" for k in out_headers):

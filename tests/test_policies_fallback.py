@@ -19,6 +19,12 @@ async def test_serves_the_static_response_for_listed_kinds():
     assert [e.reason for e in log.of(FallbackServed)] == ["circuit_open", "timeout"]
 
 
+async def test_a_configured_x_fender_fallback_header_does_not_go_out_twice():
+    policy = FallbackPolicy(on=["timeout"], headers={"X-Fender-Fallback": "mine", "x-cached": "1"})
+    outcome = await policy(ScriptedUpstream(FakeClock(), TimedOut("x")), make_ctx())
+    assert outcome.headers == {"x-cached": "1", "x-fender-fallback": "timeout"}
+
+
 async def test_unlisted_failures_pass_through():
     clock = FakeClock()
     policy = FallbackPolicy(on=["circuit_open"])
