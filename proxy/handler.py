@@ -110,6 +110,8 @@ class ProxyHandler:
             fwd = forward_headers(headers, drop_host=route.host_header is not None)
             if route.host_header is not None:
                 fwd["Host"] = route.host_header
+            elif request.authority is not None:  # preserve_host of an absolute-form request
+                fwd["Host"] = request.authority
             if "x-request-id" not in fwd:
                 # an id, not a secret: no getrandom() syscall per request
                 fwd["x-request-id"] = getrandbits(128).to_bytes(16, "big").hex()  # (cheaper than format())

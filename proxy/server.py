@@ -71,8 +71,8 @@ class Exchange:
     `respond()` (head and whole body in one write) or `start()`, `write()`..., `finish()`.
     """
 
-    __slots__ = ("method", "path", "query_string", "headers", "version", "host", "remote", "content",
-                 "should_close", "started", "finished", "_chunked", "_conn")
+    __slots__ = ("method", "path", "query_string", "headers", "version", "host", "authority", "remote",
+                 "content", "should_close", "started", "finished", "_chunked", "_conn")
 
     def __init__(self, message: Any, payload: StreamReader, conn: ServerConnection) -> None:
         self.method: str = message.method
@@ -82,7 +82,16 @@ class Exchange:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.version = message.version
         # absolute-form targets (HTTP_PROXY clients) name the host in the URL, as aiohttp reads it
-        self.host: str = url.raw_host if url.absolute else message.headers.get("host", "")
+        self.host: str
+        # the target's host[:port], which stands for the client's Host (RFC 9112, 3.2.2); None: origin-form
+        self.authority: str | None = None
+        if url.absolute:
+            self.host = url.raw_host or ""
+            port = url.explicit_port
+            name = f"[{self.host}]" if ":" in self.host else self.host
+            self.authority = name if port is None else f"{name}:{port}"
+        else:
+            self.host = message.headers.get("host", "")
         self.remote: str | None = conn.remote
         self.content = payload
         self.should_close: bool = message.should_close

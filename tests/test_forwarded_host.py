@@ -136,3 +136,19 @@ def test_strip_hop_by_hop_keeps_host_and_content_length_whatever_connection_name
     headers = CIMultiDict({"Host": "h", "Content-Length": "5", "Connection": "Host, content-length, x-a, te",
                            "X-A": "1", "TE": "trailers", "X-B": "2"})
     assert dict(strip_hop_by_hop(headers)) == {"Host": "h", "Content-Length": "5", "X-B": "2"}
+
+
+@pytest.mark.parametrize(("request_head", "host"), [
+    (b"GET http://shop.example:8080/ HTTP/1.1\r\nHost: elsewhere\r\n\r\n", "shop.example:8080"),
+    (b"GET http://shop.example/ HTTP/1.0\r\n\r\n", "shop.example"),
+    (b"GET http://user:pw@[::1]:8080/ HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", "[::1]:8080"),
+])
+async def test_preserve_host_sends_an_absolute_form_targets_authority_as_host(start_fender, request_head, host):
+    # RFC 9112, 3.2.2: a proxy ignores the Host of an absolute-form request and sends the target's
+    # authority (the request was routed by it, too)
+    seen = Seen()
+    server, _, fender = await start(start_fender, seen, preserve_host=True)
+    head = await exchange(fender.proxy_url, request_head)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert seen.field("host") == [host]
+    server.close()
