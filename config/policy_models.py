@@ -187,7 +187,7 @@ class CircuitBreakerModel(Frozen):
 
 class RateLimitModel(Frozen):
     rate: Rate
-    burst: float | None = Field(None, gt=0)
+    burst: float | None = Field(None, ge=1)  # (a bucket under one token never grants one)
     key: str = "route"
     wait: Duration = 0.0
     shadow: bool = False
