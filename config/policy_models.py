@@ -48,7 +48,8 @@ _MAX_OPEN_FOR = 300.0
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # (no infinity or NaN: JSON has neither, and the admin API shows the config as JSON)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def or_shorthand(shorthand: JsonSchemaValue, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:

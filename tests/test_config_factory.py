@@ -122,6 +122,9 @@ def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
     ("rate_limit: {rate: 1.0e-300}", "at least one a day"),
     # (a bucket smaller than one token never grants one: the route would refuse every request)
     ("rate_limit: {rate: 10/s, burst: 0.5}", "greater than or equal to 1"),
+    # (infinity passed, and GET /config and GET /routes then answered JSON with a bare Infinity)
+    ("rate_limit: {rate: 10/s, burst: .inf}", "finite number"),
+    ("retry: {budget: {min_per_second: .inf}}", "finite number"),
 ])
 def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message):
     # (they overflowed dates, and made Retry-After a number of three hundred digits)
