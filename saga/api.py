@@ -12,7 +12,7 @@ from aiohttp import web
 
 from config.units import parse_duration
 from saga.coordinator import SagaConflict
-from saga.model import SAGA_STATUSES, Saga
+from saga.model import SAGA_STATUSES, Saga, loads_json
 from saga.store import SagaGone, StoreRefused
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def saga_routes(service: SagaService) -> list[web.RouteDef]:
         except _BadQuery as exc:
             return _error(400, "bad_request", str(exc))
         try:
-            body = await request.json(loads=json.loads)
+            body = await request.json(loads=loads_json)
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             return _error(
                 400, "invalid_saga", "the body is not valid JSON",

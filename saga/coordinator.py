@@ -19,7 +19,7 @@ from policies.backoff import FullJitterBackoff
 from policies.clock import SYSTEM_CLOCK, Clock
 from policies.errors import FenderError
 from saga.invoker import RouteInvoker, RouteResponse, UnknownRoute
-from saga.model import Compensation, Saga
+from saga.model import Compensation, Saga, loads_json
 from saga.observer import NULL_OBSERVER, Phase, SagaObserver
 from saga.store import SagaGone, SagaStore, StoreRefused
 from saga.template import TemplateError, quote_path_value, render_text, render_value
@@ -56,7 +56,7 @@ def response_record(response: RouteResponse) -> dict[str, Any]:
     if response.body:
         text = response.body.decode("utf-8", errors="replace")
         try:
-            body = json.loads(text)
+            body = loads_json(text)
         except ValueError:
             body = text
     return {"status": response.status, "headers": headers, "body": body}

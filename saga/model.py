@@ -25,6 +25,7 @@ __all__ = [
     "Saga",
     "definition_hash",
     "iso",
+    "loads_json",
 ]
 
 SAGA_STATUSES = ("pending", "running", "compensating", "completed", "compensated", "failed")
@@ -47,6 +48,16 @@ def iso(ts: float | None) -> str | None:
         # its record must still show; config.units now refuses such a duration)
         when = datetime.max.replace(tzinfo=UTC) if ts > 0 else datetime.min.replace(tzinfo=UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """`json.loads` without the NaN and Infinity Python's decoder takes: JSON has neither, and
+    a record holding one would be answered as invalid JSON."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def definition_hash(payload: dict[str, Any]) -> str:

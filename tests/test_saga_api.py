@@ -138,6 +138,25 @@ async def test_a_body_nested_past_the_json_decoder_is_rejected(api: tuple[TestCl
     assert (await resp.json())["error"] == "invalid_saga"
 
 
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_a_body_with_nan_or_infinity_is_rejected(api: tuple[TestClient, Env], constant) -> None:
+    # (Python's decoder takes them; the record would then be answered as invalid JSON)
+    client, env = api
+    body = json.dumps(saga_body("nan")).encode().replace(b'"input": {', b'"input": {"x": ' + constant + b", ", 1)
+    resp = await client.post("/v1/sagas", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_saga"
+    assert env.participant.calls == []
+
+
+def test_a_participants_body_with_a_non_json_constant_is_recorded_as_text():
+    from saga.coordinator import response_record
+
+    record = response_record(RouteResponse(200, {"Content-Type": "application/json"}, b'{"x": NaN}'))
+    assert record["body"] == '{"x": NaN}'
+    json.loads(json.dumps(record), parse_constant=lambda c: pytest.fail(f"{c} in the record"))
+
+
 def test_a_journaled_deadline_past_year_9999_still_shows():
     # (journals written before durations were bounded may hold one)
     assert iso(1e308) == "9999-12-31T23:59:59.999Z"
