@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections import deque
 from typing import Any, Literal
 
 from pydantic import (
@@ -33,6 +35,7 @@ __all__ = [
     "check_token",
     "check_methods",
     "check_header_fields",
+    "check_json_numbers",
     "PolicyModel",
     "POLICY_KINDS",
     "RETRY_CONDITIONS",
@@ -244,6 +247,22 @@ def check_header_fields(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+def check_json_numbers(value: Any) -> Any:
+    """`value` if no number in it is infinite or NaN, else ValueError naming where (JSON has
+    no form for them: the admin API shows the config as JSON, and bodies are sent as JSON)."""
+    queue: deque[tuple[tuple[str | int, ...], Any]] = deque([((), value)])
+    while queue:
+        loc, item = queue.popleft()
+        if isinstance(item, float) and not math.isfinite(item):
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+            raise ValueError(f"{where + ': ' if where else ''}.inf or .nan, which JSON has no form for")
+        if isinstance(item, dict):
+            queue.extend(((*loc, str(k)), v) for k, v in item.items())
+        elif isinstance(item, list):
+            queue.extend(((*loc, i), v) for i, v in enumerate(item))
+    return value
+
+
 class FallbackModel(Frozen):
     on: tuple[str, ...] = ("circuit_open", "timeout", "5xx")
     status: int = Field(200, ge=200, le=599)  # (a 1xx is no final answer: the client would wait on)
@@ -256,6 +275,12 @@ class FallbackModel(Frozen):
         for item in value:
             if item not in FALLBACK_KINDS:
                 raise ValueError(f"unknown failure kind {item!r}; use one of {', '.join(FALLBACK_KINDS)}")
+        return value
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: str | dict[str, Any] | list[Any]) -> str | dict[str, Any] | list[Any]:
+        check_json_numbers(value)
         return value
 
     @field_validator("headers")

@@ -125,6 +125,7 @@ def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
     # (infinity passed, and GET /config and GET /routes then answered JSON with a bare Infinity)
     ("rate_limit: {rate: 10/s, burst: .inf}", "finite number"),
     ("retry: {budget: {min_per_second: .inf}}", "finite number"),
+    ("fallback: {body: {retry_in: .inf}}", "JSON has no"),
 ])
 def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message):
     # (they overflowed dates, and made Retry-After a number of three hundred digits)

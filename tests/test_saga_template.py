@@ -110,3 +110,20 @@ def test_a_valid_template_loads() -> None:
     assert [s.name for s in template.steps] == ["reserve", "charge"]
     assert template.deadline == 60.0 and template.on_recovery == "compensate"
     assert template.compensation_retry.attempts == 10
+
+
+def test_a_template_body_holding_infinity_or_nan_is_refused() -> None:
+    # (JSON has neither: GET /config would answer invalid JSON, and participants would get it)
+    text = """
+routes: [{name: inventory, upstream: http://x}]
+sagas:
+  s:
+    steps:
+      - name: a
+        action: {route: inventory, body: {limit: .inf, ratio: [1, .nan]}}
+"""
+    with pytest.raises(ConfigInvalid) as caught:
+        load_text(text)
+    assert [str(e) for e in caught.value.errors] == [
+        "sagas.s.steps[0].action.body: limit: .inf or .nan, which JSON has no form for",
+    ]
