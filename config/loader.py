@@ -19,11 +19,13 @@ __all__ = ["YamlLoader", "validation_issues", "ConfigIssue", "ConfigInvalid", "L
 
 
 class YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 reads `on:` (a retry key) as True."""
+    """YAML 1.2 booleans: only true/false. YAML 1.1 reads `on:` (a retry key) as True.
+    And no implicit dates (YAML 1.2 has none): a body's `since: 2024-01-01` stays JSON."""
 
 
+_YAML_1_1_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML_1_1_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 YamlLoader.add_implicit_resolver(

@@ -133,6 +133,17 @@ def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message
         load_text(f"routes: [{{name: a, upstream: http://x, chain: [{{{policy}}}]}}]")
 
 
+def test_yaml_dates_stay_strings_as_in_yaml_1_2():
+    # (YAML 1.1 made them dates, which no JSON body can hold: `fender check` said ok and
+    # `fender run` died building the fallback with a TypeError)
+    text = CONFIG.replace("body: {error: later}", "body: {since: 2024-01-01, at: 2001-12-14 21:59:43.10}")
+    _, chains = build(text)
+    fallback = chains["payments"].policies[0][1]
+    assert isinstance(fallback, FallbackPolicy)
+    assert load_text(text).config.routes[0].chain[0].fallback.body == {
+        "since": "2024-01-01", "at": "2001-12-14 21:59:43.10"}
+
+
 def test_yaml_nested_past_the_parser_is_one_error_not_a_traceback():
     with pytest.raises(ConfigInvalid, match="nests too deeply"):
         load_text("routes: []\na: " + "[" * 5000 + "]" * 5000)
