@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,15 @@ def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
             seen[route.name] = i
     for i, route in enumerate(config.routes):
         ca_file = route.upstream.tls.ca_file
-        if ca_file is not None and not Path(ca_file).is_file():
+        if ca_file is None:
+            continue
+        if not Path(ca_file).is_file():
             yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"no such file: {ca_file}")
+            continue
+        try:  # (as the upstream's TLS context will, so fender check refuses what fender run would)
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"{ca_file} holds no CA certificate it can use: {exc}")
     for j, item in enumerate(config.defaults.chain):
         if isinstance(item, str) and item not in config.policies:
             yield ConfigIssue(f"defaults.chain[{j}]", f"unknown policy {item!r}")

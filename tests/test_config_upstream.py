@@ -77,3 +77,14 @@ def test_a_host_that_is_the_start_of_an_unescaped_credential_is_not_quoted(url):
     # the token's start, and errors are shown by fender check, the log and GET /config)
     [issue] = issues(route(f"'{url}'"))
     assert issue == "routes[0].upstream.url: the upstream host is not a host name or an IP address"
+
+
+def test_a_ca_file_that_holds_no_certificate_is_a_located_error(tmp_path, capsys):
+    # (fender check said ok, and fender run refused the same file)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("not a certificate\n")
+    path = tmp_path / "fender.yaml"
+    path.write_text(route(f"{{url: 'https://10.0.0.1', tls: {{ca_file: '{ca_file}'}}}}"))
+    assert main(["check", str(path)]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"routes[0].upstream.tls.ca_file: {ca_file} holds no CA certificate")
