@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from config.models import FenderConfig
 
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **FenderConfig.model_json_schema()}
-        print(json.dumps(schema, indent=2))
+        try:
+            print(json.dumps(schema, indent=2), flush=True)
+        except BrokenPipeError:  # `fender schema | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
         return 0
     if args.command == "check":
         return _check(args.path)
