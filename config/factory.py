@@ -191,6 +191,10 @@ class PolicyFactory:
 
 def _params(model: PolicyModel) -> str:
     params: Frozen = model.params
+    if isinstance(params, CircuitBreakerModel):
+        # (min_calls or slow_call_rate written at its default selects rate mode without changing
+        # the dump: a reload that only switched the mode would keep the other breaker)
+        return f"{params.mode}:{params.model_dump_json()}"
     return params.model_dump_json()
 
 

@@ -197,6 +197,18 @@ def test_min_calls_or_slow_call_rate_written_alone_ask_for_rate_mode_too():
             load_text(breakers(knobs))
 
 
+@pytest.mark.parametrize("knob", ["{min_calls: 20}", "{slow_call_rate: 1.0}"])
+def test_a_reload_that_only_switches_the_breaker_mode_builds_a_new_breaker(knob):
+    # (written at their default values, min_calls and slow_call_rate select rate mode but leave the
+    # model's dump as it was: the reload kept the consecutive breaker, and the reverse too)
+    factory, first = build(breakers("{}"))
+    _, second = build(breakers(knob), factory)
+    assert second["a"].policies[0][1] is not first["a"].policies[0][1]
+    assert second["a"].policies[0][1].machine.window is not None  # rate mode
+    _, third = build(breakers("{}"), factory)
+    assert third["a"].policies[0][1].machine.window is None  # consecutive mode again
+
+
 async def test_reload_keeps_the_state_of_unchanged_policies_and_renews_changed_ones():
     clock = FakeClock()
     factory = PolicyFactory(clock=clock)
