@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -54,10 +55,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # (`1e999` is JSON, but no float: Python's decoder makes it inf)
+        raise ValueError(f"{text} is past the range of a number")
+    return value
+
+
 def loads_json(text: str | bytes) -> Any:
-    """`json.loads` without the NaN and Infinity Python's decoder takes: JSON has neither, and
-    a record holding one would be answered as invalid JSON."""
-    return json.loads(text, parse_constant=_no_constant)
+    """`json.loads` without the NaN and Infinity Python's decoder takes (nor the inf it makes
+    of a number past the float range): JSON has neither, and a record holding one would be
+    answered as invalid JSON."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def definition_hash(payload: dict[str, Any]) -> str:
