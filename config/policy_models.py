@@ -35,7 +35,7 @@ __all__ = [
     "check_token",
     "check_methods",
     "check_header_fields",
-    "check_json_numbers",
+    "check_json_value",
     "PolicyModel",
     "POLICY_KINDS",
     "RETRY_CONDITIONS",
@@ -247,19 +247,31 @@ def check_header_fields(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def check_json_numbers(value: Any) -> Any:
-    """`value` if no number in it is infinite or NaN, else ValueError naming where (JSON has
-    no form for them: the admin API shows the config as JSON, and bodies are sent as JSON)."""
+_JSON_SCALARS = (str, int, float, type(None))  # (bool is an int)
+_YAML_NAMES = {"date": "timestamp", "datetime": "timestamp", "bytes": "binary", "set": "set"}
+
+
+def check_json_value(value: Any) -> Any:
+    """`value` if JSON can hold it, else ValueError naming where: no infinite or NaN number, and
+    nothing of YAML's explicit tags (`!!timestamp`, `!!binary`, `!!set`) that JSON has no form for
+    (the admin API shows the config as JSON, and bodies are sent as JSON)."""
     queue: deque[tuple[tuple[str | int, ...], Any]] = deque([((), value)])
     while queue:
         loc, item = queue.popleft()
+        problem = None
         if isinstance(item, float) and not math.isfinite(item):
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-            raise ValueError(f"{where + ': ' if where else ''}.inf or .nan, which JSON has no form for")
-        if isinstance(item, dict):
+            problem = ".inf or .nan"
+        elif isinstance(item, dict):
+            queue.extend(((*loc, str(k)), k) for k in item if not isinstance(k, _JSON_SCALARS))
             queue.extend(((*loc, str(k)), v) for k, v in item.items())
         elif isinstance(item, list):
             queue.extend(((*loc, i), v) for i, v in enumerate(item))
+        elif not isinstance(item, _JSON_SCALARS):
+            name = type(item).__name__
+            problem = f"a YAML {_YAML_NAMES.get(name, name)}"
+        if problem is not None:
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+            raise ValueError(f"{where + ': ' if where else ''}{problem}, which JSON has no form for")
     return value
 
 
@@ -280,7 +292,7 @@ class FallbackModel(Frozen):
     @field_validator("body")
     @classmethod
     def _body(cls, value: str | dict[str, Any] | list[Any]) -> str | dict[str, Any] | list[Any]:
-        check_json_numbers(value)
+        check_json_value(value)
         return value
 
     @field_validator("headers")

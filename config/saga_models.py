@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from config.policy_models import Frozen, check_json_numbers
+from config.policy_models import Frozen, check_json_value
 from config.units import Duration
 from saga.template import placeholders, references, strings_in
 
@@ -82,7 +82,7 @@ class CallModel(Frozen):
     @classmethod
     def _body(cls, value: Any) -> Any:
         _check_templates(value)
-        return check_json_numbers(value)
+        return check_json_value(value)
 
 
 class CompensationRetryModel(Frozen):

@@ -126,6 +126,10 @@ def test_a_long_open_for_alone_raises_the_default_max_open_for_with_it():
     ("rate_limit: {rate: 10/s, burst: .inf}", "finite number"),
     ("retry: {budget: {min_per_second: .inf}}", "finite number"),
     ("fallback: {body: {retry_in: .inf}}", "JSON has no"),
+    # (explicitly tagged YAML values no JSON body holds: `fender run` died on them with a TypeError)
+    ("fallback: {body: {since: !!timestamp 2024-01-01}}", "JSON has no"),
+    ("fallback: {body: [!!binary aGVsbG8=]}", "JSON has no"),
+    ("fallback: {body: {tags: !!set {a, b}}}", "JSON has no"),
 ])
 def test_absurd_durations_and_rates_are_refused_with_their_place(policy, message):
     # (they overflowed dates, and made Retry-After a number of three hundred digits)
