@@ -36,6 +36,7 @@ _URL_WITH_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _AUTHORITY_END = re.compile(r"[/?#]")
 _PASSWORD_PIECES = re.compile(r"[:/?#@&=;]")
+_QUERY_PAIRS = re.compile(r"[^=&#]+=[^&#]*(?:&[^=&#]+=[^&#]*)*")
 _QUERY_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*\?(?:[^#]*&)?password=")
 
 
@@ -51,7 +52,8 @@ def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
     """(scheme://, user, what follows the userinfo) when the URL's password holds an unescaped
     `/`, `?` or `#`: urlsplit ends the authority there, and `app:pa#ss@db` reads as host `app`,
     port `pa`. The "port" then is no number, or the URL is no web address (a database's path, the
-    database name, holds no `@`); `http://host:8080/a@b` is left alone (a path's `@`)."""
+    database name, holds no `@`); `http://host:8080/a@b` is left alone (a path's `@`), and so is
+    `postgresql://db:5432/app?user=me@corp` (a query's `@`: `key=value` pairs after the `?`)."""
     scheme = _SCHEME.match(url)
     if scheme is None:
         return None
@@ -60,8 +62,13 @@ def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
     if "@" in head or "@" not in rest or ":" not in head or head.startswith("["):
         return None
     user, _, port = head.partition(":")
-    if port.isdigit() and scheme.group(0).lower() in ("http://", "https://"):
-        return None
+    if port.isdigit():
+        if scheme.group(0).lower() in ("http://", "https://"):
+            return None
+        # a host, a port and a query whose value holds the @ (`?user=me@corp`), as the driver reads it
+        query = rest[len(head):].rpartition("@")[0].partition("#")[0].partition("?")
+        if query[1] and _QUERY_PAIRS.fullmatch(query[2]):
+            return None
     return scheme.group(0), user, rest.rpartition("@")[2]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.redact import REDACTED, redact, redact_url
+from config.redact import REDACTED, mask_url_password, redact, redact_url
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -81,3 +81,16 @@ def test_a_password_holding_an_unescaped_slash_question_mark_or_hash_is_still_hi
     # a path with an @ after a host and a port is not a password
     assert redact_url("http://host:8080/users/@me") == "http://host:8080/users/@me"
     assert redact_url("http://[::1]/a@b") == "http://[::1]/a@b"
+
+
+def test_an_at_sign_in_the_query_of_a_url_with_a_port_is_not_taken_for_a_password() -> None:
+    # (`user=me@corp` or `application_name=fender@pod-1`: the URL reads as host, port, database and
+    # query, as the driver reads it; it was shown as `postgresql://db:<redacted>@corp`, and the
+    # database's name was masked out of the driver's error)
+    for url in ("postgresql://db:5432/app?user=me@corp", "postgresql://db:5432/app?sslmode=require&application_name=f@pod-1",
+                "redis://cache:6379/0?client_name=fender@pod-1"):
+        assert redact_url(url) == url
+        assert mask_url_password('database "app" does not exist at db:5432', url) == (
+            'database "app" does not exist at db:5432')
+    # a password starting with digits and holding a ? is still hidden (what follows it is no query)
+    assert redact_url("postgresql://app:12?3@db/x") == f"postgresql://app:{REDACTED}@db/x"
