@@ -72,27 +72,30 @@ def _cut_short_userinfo(url: str) -> tuple[str, str, str] | None:
     return scheme.group(0), user, rest.rpartition("@")[2]
 
 
-def _passwords(url: str) -> list[str]:
-    """The passwords `url` carries (userinfo and `password=` query values), as written and decoded."""
-    found: list[str] = []
+def _passwords(url: str) -> list[tuple[str, bool]]:
+    """The passwords `url` carries (userinfo and `password=` query values), as written and decoded,
+    each with whether a parser cuts it short (an unescaped / ? or #: it may quote a piece of it)."""
+    found: list[tuple[str, bool]] = []
     scheme = _SCHEME.match(url)
     if scheme is not None:
         rest = url[scheme.end():]
         head = _AUTHORITY_END.split(rest, maxsplit=1)[0]
-        if "@" in head:
-            found.append(head.rpartition("@")[0].partition(":")[2])
+        if "@" in head:  # (asyncpg ends the userinfo at its first @: one in the password cuts it short)
+            found.append((head.rpartition("@")[0].partition(":")[2], head.count("@") > 1))
         elif _cut_short_userinfo(url) is not None:
-            found.append(rest.rpartition("@")[0].partition(":")[2])
+            found.append((rest.rpartition("@")[0].partition(":")[2], True))
     query = url.partition("?")[2].partition("#")[0]
-    found += [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "password"]
-    found += [unquote(p) for p in found]
-    return [p for p in found if p]
+    found += [(v, False) for k, v in parse_qsl(query, keep_blank_values=True) if k == "password"]
+    found += [(unquote(p), cut) for p, cut in found]
+    return [(p, cut) for p, cut in found if p]
 
 
 def mask_url_password(text: str, url: str) -> str:
     """`text` (a message about `url`, from a client library) with the URL's password, and every
-    piece of it a parser may have cut out and quoted (`invalid port 'pa'`), replaced by `***`."""
-    pieces = {piece for secret in _passwords(url) for piece in (secret, *_PASSWORD_PIECES.split(secret))
+    piece of it a parser may have cut out and quoted (`invalid port 'pa'`), replaced by `***`.
+    (Only a password cut short is masked in pieces: those of a whole one would mask words.)"""
+    pieces = {piece for secret, cut in _passwords(url)
+              for piece in ((secret, *_PASSWORD_PIECES.split(secret)) if cut else (secret,))
               if len(piece) > 1}  # (a single character tells nothing, and would garble the message)
     for piece in sorted(pieces, key=len, reverse=True):
         text = text.replace(piece, "***")

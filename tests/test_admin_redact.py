@@ -94,3 +94,18 @@ def test_an_at_sign_in_the_query_of_a_url_with_a_port_is_not_taken_for_a_passwor
             'database "app" does not exist at db:5432')
     # a password starting with digits and holding a ? is still hidden (what follows it is no query)
     assert redact_url("postgresql://app:12?3@db/x") == f"postgresql://app:{REDACTED}@db/x"
+
+
+def test_a_password_no_parser_cuts_short_is_masked_whole_not_in_pieces() -> None:
+    # (escaped, or holding only characters a userinfo may: no parser quotes a piece of it, and its
+    # pieces masked words of the driver's error, "pa***word authentication failed")
+    message = 'password authentication failed for user "app"'
+    for url in ("postgresql://app:p%40ss%2Fw0rd@db/x", "postgresql://app:Xy9&pass=on@db/x",
+                "postgresql://db/x?user=app&password=pass;on"):
+        assert mask_url_password(message, url) == message, url
+    assert mask_url_password("bad password p@ss/w0rd", "postgresql://app:p%40ss%2Fw0rd@db/x") == "bad password ***"
+    # cut short by an unescaped / ? or #, its pieces still go (a parser quotes them as a host or port)
+    assert mask_url_password("invalid port 'pass'", "postgresql://app:pass#on@db/x") == "invalid port '***'"
+    # (asyncpg ends the userinfo at its first @, and quotes the rest of the password as a port)
+    assert mask_url_password("invalid literal for int() with base 10: '99@db'", "postgresql://app:s3cr@t:99@db/x") == (
+        "invalid literal for int() with base 10: '***@db'")
