@@ -116,8 +116,9 @@ def url_problem(url: str) -> str | None:
     password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]  # never echoed, nor part of it
     # (urlsplit ends the authority at the first / ? or # of an unescaped password, and quotes what
     # it took for the port: a piece of the password)
-    for piece in filter(None, re.split("[:/?#]", password)):
-        problem = problem.replace(piece, "***")
+    for piece in sorted(filter(None, re.split("[:/?#]", password)), key=len, reverse=True):
+        # (a one-character piece is masked where quoted only: elsewhere it would mask letters of words)
+        problem = problem.replace(piece, "***") if len(piece) > 1 else problem.replace(f"'{piece}'", "'***'")
     return f"{problem}: use redis://[:password@]host:port/db, rediss://... or unix:///path"
 
 

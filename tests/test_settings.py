@@ -23,6 +23,9 @@ from proxy.cli import main
     ("FENDER_REDIS_URL", "redis://:pa/s3cret@127.0.0.1/0", "use redis://"),  # a '/' in the password
     ("FENDER_REDIS_URL", "redis://:s3cret#x@127.0.0.1:6379/0", "use redis://"),  # a '#' in the password
     ("FENDER_REDIS_URL", "redis://u:s3cret?x@127.0.0.1:6379/0", "use redis://"),  # a '?' in the password
+    # (the password's one-letter pieces masked letters of the message: "c***st to integer v***lue")
+    ("FENDER_REDIS_URL", "redis://:s3cret#a@127.0.0.1:6379/0", "Port could not be cast to integer value as '***'"),
+    ("FENDER_REDIS_URL", "redis://:e/s3cret@127.0.0.1/0", "Port could not be cast to integer value as '***'"),
     ("FENDER_REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
 ])
 def test_a_bad_setting_is_named_and_fender_exits_1_before_starting(monkeypatch, capsys, name, value, message):
