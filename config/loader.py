@@ -8,7 +8,9 @@ import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import yaml
@@ -136,6 +138,18 @@ def validation_issues(exc: ValidationError) -> list[ConfigIssue]:
     return issues
 
 
+@lru_cache(maxsize=64)
+def _ca_file_problem(ca_file: str, version: tuple[int, int, int]) -> str | None:
+    """Why the upstream's TLS context cannot load `ca_file`, or None: parsed as it will be, so
+    fender check refuses what fender run would. Once per version of the file (inode, size,
+    mtime), not per route and reload: a bundle takes tens of milliseconds, on the event loop."""
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        return str(exc)
+    return None
+
+
 def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
     """What the schema alone cannot see: names that must exist or be unique."""
     seen: dict[str, int] = {}
@@ -148,13 +162,16 @@ def cross_check(config: FenderConfig) -> Iterable[ConfigIssue]:
         ca_file = route.upstream.tls.ca_file
         if ca_file is None:
             continue
-        if not Path(ca_file).is_file():
+        try:
+            stat = Path(ca_file).stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
             yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"no such file: {ca_file}")
             continue
-        try:  # (as the upstream's TLS context will, so fender check refuses what fender run would)
-            ssl.create_default_context(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"{ca_file} holds no CA certificate it can use: {exc}")
+        problem = _ca_file_problem(ca_file, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        if problem is not None:
+            yield ConfigIssue(f"routes[{i}].upstream.tls.ca_file", f"{ca_file} holds no CA certificate it can use: {problem}")
     for j, item in enumerate(config.defaults.chain):
         if isinstance(item, str) and item not in config.policies:
             yield ConfigIssue(f"defaults.chain[{j}]", f"unknown policy {item!r}")
