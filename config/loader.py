@@ -22,11 +22,27 @@ __all__ = ["YamlLoader", "validation_issues", "ConfigIssue", "ConfigInvalid", "L
 
 
 class YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 reads `on:` (a retry key) as True.
-    And no implicit dates (YAML 1.2 has none): a body's `since: 2024-01-01` stays JSON."""
+    """Plain scalars read as YAML 1.2 (its core schema) reads them, not as PyYAML's 1.1 does.
+
+    Booleans are only true/false: 1.1 reads `on:` (a retry key) as True. No implicit
+    dates: a body's `since: 2024-01-01` stays JSON. Numbers: 1.1 reads `10:30` as 630
+    (base 60), `017` as 15 (octal) and `1_000` as 1000; here they are 10:30 (a string),
+    17 and a string, and `0o17`, `0x1f` and `1e3` are numbers, as in JSON and 1.2.
+    """
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = str(self.construct_scalar(node))
+        try:
+            if value.startswith(("0o", "0x")):
+                return int(value[2:], 8 if value[1] == "o" else 16)
+            return int(value, 10)  # (leading zeros: still base ten)
+        except ValueError:  # an explicit `!!int` on what is not one
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{value!r} is not an integer", node.start_mark) from None
 
 
-_YAML_1_1_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+_YAML_1_1_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int",
+                  "tag:yaml.org,2002:float")
 YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML_1_1_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -36,6 +52,15 @@ YamlLoader.add_implicit_resolver(
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
 )
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"),
+)
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+YamlLoader.add_constructor("tag:yaml.org,2002:int", YamlLoader.construct_yaml_int)
 
 
 @dataclass(frozen=True, slots=True)

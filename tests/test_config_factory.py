@@ -148,6 +148,16 @@ def test_yaml_dates_stay_strings_as_in_yaml_1_2():
         "since": "2024-01-01", "at": "2001-12-14 21:59:43.10"}
 
 
+def test_yaml_numbers_are_read_as_yaml_1_2_and_json_read_them():
+    # (YAML 1.1 made 10:30 the number 630 and 017 the number 15, silently, in a fallback's body)
+    body = "{opens: 10:30, code: 017, hex: 0x1f, oct: 0o17, big: 1e3, id: 1_000, neg: -5, half: .5}"
+    text = CONFIG.replace("body: {error: later}", f"body: {body}")
+    assert load_text(text).config.routes[0].chain[0].fallback.body == {
+        "opens": "10:30", "code": 17, "hex": 31, "oct": 15, "big": 1000.0, "id": "1_000", "neg": -5, "half": 0.5}
+    with pytest.raises(ConfigInvalid, match=r"line 1 column \d+: invalid YAML: '0b11' is not an integer"):
+        load_text("routes: [{name: a, upstream: http://x, chain: [{retry: {attempts: !!int 0b11}}]}]")
+
+
 def test_yaml_nested_past_the_parser_is_one_error_not_a_traceback():
     with pytest.raises(ConfigInvalid, match="nests too deeply"):
         load_text("routes: []\na: " + "[" * 5000 + "]" * 5000)
