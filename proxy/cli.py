@@ -26,6 +26,16 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # (here, where a closed pipe is caught, not at exit)
+        return code
+    except BrokenPipeError:  # `fender schema | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="fender", description="A resilience sidecar")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the proxy, admin and metrics listeners")
@@ -46,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         from config.models import FenderConfig
 
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **FenderConfig.model_json_schema()}
-        try:
-            print(json.dumps(schema, indent=2), flush=True)
-        except BrokenPipeError:  # `fender schema | head`: the reader has all it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        print(json.dumps(schema, indent=2))
         return 0
     if args.command == "check":
         return _check(args.path)
