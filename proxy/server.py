@@ -254,8 +254,7 @@ class ServerConnection(ProxyProtocol):
                  "_last", "_last_read")
 
     def __init__(self, server: ProxyListener, loop: asyncio.AbstractEventLoop) -> None:
-        # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded)
-        super().__init__(loop, _make_parser(self, loop, _READ_LIMIT, _MAX_QUEUED))
+        super().__init__(loop, None)  # (the parser is made in `connection_made`)
         self.server = server
         self.remote: str | None = None
         self.last_active = loop.time()
@@ -271,6 +270,11 @@ class ServerConnection(ProxyProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # the parser stops emitting requests once _MAX_QUEUED wait (pipelining is bounded). Made
+        # here rather than with the protocol: uvloop makes the protocol before it accepts the
+        # socket, and one whose accept fails hears neither connection_made nor connection_lost;
+        # with a parser, which refers back to it, it would be a cycle for the cyclic collector
+        self._parser = _make_parser(self, self._loop, _READ_LIMIT, _MAX_QUEUED)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple | list) and peer:
             self.remote = str(peer[0])
@@ -281,8 +285,14 @@ class ServerConnection(ProxyProtocol):
         self.server.connections.discard(self)
         self._stopped = True
         self._queue.clear()
+        # nothing is parsed again (stopped, `data_received` returns at once, and with the queue
+        # empty `_next` is not called), and the parser and the body it fills refer back to the
+        # connection: dropped, so that reference counting frees the connection when its task
+        # ends, rather than the cyclic collector (which Fender keeps off the request path)
+        parser, self._parser = self._parser, None
+        self._body = self._last = self._last_read = None
         try:
-            self._parser.feed_eof()  # type: ignore[union-attr]
+            parser.feed_eof()  # type: ignore[union-attr]
         except Exception:
             pass  # a body cut short: the request in progress is cancelled below
         if self._task is not None:
