@@ -58,9 +58,8 @@ class UpstreamConnection(ProxyProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: ConnectionPool) -> None:
         super().__init__(loop, None)
-        self._body_parser = _make_parser(self, loop, True)
+        self._body_parser: Any = None  # (made in `connection_made`)
         self._head_parser: Any = None
-        self._parser = self._body_parser
         self.pool = pool
         self._waiter: asyncio.Future[tuple[Any, aiohttp.StreamReader]] | None = None
         self._payload: aiohttp.StreamReader | None = None
@@ -68,6 +67,13 @@ class UpstreamConnection(ProxyProtocol):
         self._received = b""
         self.reused = False
         self._sent_all = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # made here rather than with the protocol, which uvloop makes before it connects: a
+        # parser refers back to its protocol, and one that never connected (refused, timed
+        # out, a failed TLS handshake) would be a cycle left for the cyclic collector
+        self._body_parser = self._parser = _make_parser(self, self._loop, True)
 
     @property
     def usable(self) -> bool:
@@ -164,6 +170,11 @@ class UpstreamConnection(ProxyProtocol):
         payload = self._payload
         if payload is not None and not payload.is_eof():
             payload.set_exception(aiohttp.ClientPayloadError("the upstream closed the connection mid-body"))
+        # nothing is parsed again, and the parsers and the body refer back to the connection:
+        # dropped, so that reference counting frees it (with `_waiter` failed below and no
+        # `_payload`, a `data_received` from a reader's `resume_reading` parses nothing)
+        self._parser = self._body_parser = self._head_parser = None
+        self._payload = None
         reason = f": {exc}" if exc else ""
         self._fail(ResponseFailed(f"the upstream closed the connection{reason}"))
         self.pool.forget(self)
@@ -438,6 +449,9 @@ class ConnectionPool:
                 waiter.exception()  # retrieved: nobody else will look at it
             else:
                 waiter.cancel()
+            # the future holds the exception (when it is the one raised), whose traceback holds
+            # this frame: a frame holding the future back would be a reference cycle
+            del waiter
             raise
         return UpstreamResponse(message, payload, conn)
 
