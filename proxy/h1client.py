@@ -20,7 +20,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.flow import ProxyProtocol
+from proxy.flow import ProxyProtocol, drop_traceback
 from proxy.headers import content_length
 
 __all__ = ["ConnectionPool", "UpstreamResponse", "ConnectFailed", "ResponseFailed"]
@@ -339,6 +339,8 @@ class ConnectionPool:
             raise ConnectFailed(f"connect timed out after {self.connect_timeout:g}s") from exc
         except (OSError, ssl.SSLError) as exc:
             self._slot_freed()
+            # (asyncio's failed TLS handshake keeps the error in a future its frames hold)
+            drop_traceback(exc)
             raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         except BaseException:
             self._slot_freed()
@@ -485,6 +487,7 @@ async def _send_stream(
         try:
             await conn.drain()
         except ConnectionError as exc:  # the upstream went away while it held our body back
+            drop_traceback(exc)
             raise ResponseFailed(f"the upstream closed the connection while the request body was sent: {exc}") from exc
     if chunked and conn.transport is not None:
         conn.transport.write(b"0\r\n\r\n")

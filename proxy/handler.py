@@ -21,6 +21,7 @@ from policies.base import Outcome, RequestContext
 from policies.errors import FenderError
 from policies.events import EventBus
 from proxy.errors import error_response, rejection_response
+from proxy.flow import drop_traceback
 from proxy.h1client import UpstreamResponse
 from proxy.headers import forward_headers, strip_hop_by_hop
 from proxy.observer import NullObserver, RequestObserver
@@ -281,7 +282,8 @@ class ProxyHandler:
                 else:
                     async with asyncio.timeout_at(_body_deadline(request, budget, timer)):
                         body = await upstream.read()
-            except _BODY_ERRORS:
+            except _BODY_ERRORS as exc:
+                drop_traceback(exc)
                 return _broke_off(request, upstream, route, ctx)
             except TimeoutError:
                 upstream.close()
@@ -307,6 +309,7 @@ class ProxyHandler:
         except _BODY_ERRORS as exc:
             # the upstream broke mid-body: the client must see a broken response, not a short one
             log.debug("upstream reset mid-body on route %s: %s", route.name, exc)
+            drop_traceback(exc)
             upstream.close()
             request.abort()
             return upstream.status, "upstream_reset"

@@ -13,6 +13,7 @@ from policies.base import RequestContext
 from policies.errors import FenderError, UpstreamReset
 from proxy.app import FenderApp
 from proxy.errors import STATUS_BY_KIND
+from proxy.flow import drop_traceback
 from proxy.headers import strip_hop_by_hop
 from proxy.upstream import OutboundRequest
 from saga.invoker import RouteResponse, UnknownRoute
@@ -70,6 +71,7 @@ class ChainInvoker:
                 data = await response.read()
             except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
                 kind = "upstream_reset"
+                drop_traceback(exc)
                 raise UpstreamReset(f"route {route}: the response body broke off: {exc}") from exc
             finally:
                 response.release()

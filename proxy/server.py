@@ -31,7 +31,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import error_response
-from proxy.flow import ProxyProtocol
+from proxy.flow import ProxyProtocol, drop_traceback
 from proxy.headers import content_length
 
 __all__ = ["Exchange", "ProxyListener", "Handler", "RefusedHook"]
@@ -461,8 +461,8 @@ class ServerConnection(ProxyProtocol):
                     if not chunk:
                         return
                     dropped += len(chunk)
-        except (TimeoutError, ConnectionError, HttpProcessingError, asyncio.IncompleteReadError):
-            pass
+        except (TimeoutError, ConnectionError, HttpProcessingError, asyncio.IncompleteReadError) as exc:
+            drop_traceback(exc)
 
     def _refuse(self, refusal: _Refusal) -> None:
         text = (refusal.message or "").strip().splitlines()
