@@ -74,7 +74,10 @@ class BulkheadPolicy:
 
     def exit_error(self, ctx: RequestContext, token: object, started: float, error: BaseException) -> NoReturn:
         self._release()
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         if self.enter(ctx, 0.0, None) is DEFER:

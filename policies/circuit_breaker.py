@@ -127,7 +127,10 @@ class CircuitBreakerPolicy:
                 machine.release(generation)  # e.g. the client went away
         else:
             machine.release(generation)
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     def _failed(self, ctx: RequestContext, generation: int, started: float, now: float) -> None:
         machine = self.machine

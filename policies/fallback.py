@@ -85,10 +85,13 @@ class FallbackPolicy:
         return outcome
 
     def exit_error(self, ctx: RequestContext, token: None, started: float, error: BaseException) -> Outcome:
-        if not isinstance(error, FenderError) or error.kind not in self.kinds:
+        if isinstance(error, FenderError) and error.kind in self.kinds:
+            ctx.emit(self._events[error.kind])
+            return self.outcome(error.kind)
+        try:
             raise error
-        ctx.emit(self._events[error.kind])
-        return self.outcome(error.kind)
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         try:

@@ -83,7 +83,13 @@ class Guard(Policy, Protocol):
     def exit_error(
         self, ctx: RequestContext, token: Any, started: float, error: BaseException
     ) -> Outcome | Resume:
-        """After the inner call raised `error`: raises what goes on out, or recovers."""
+        """After the inner call raised `error`: raises what goes on out, or recovers.
+
+        One that raises `error` itself drops its own reference first (`try: raise error`,
+        `finally: del error`): the traceback holds this frame, and a frame that holds the
+        exception whose traceback holds it is a reference cycle, which would keep the
+        request's frames, its connection and the client's task for the cyclic collector.
+        """
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,10 @@ class RateLimitPolicy:
         return outcome
 
     def exit_error(self, ctx: RequestContext, token: object, started: float, error: BaseException) -> NoReturn:
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     def _refused(self, ctx: RequestContext, bucket: TokenBucket, now: float) -> None:
         """No token: raises RateLimited, or in shadow mode reports and lets the request through."""

@@ -136,12 +136,14 @@ class RetryPolicy:
     def exit_error(
         self, ctx: RequestContext, retrying: bool, started: float, error: BaseException
     ) -> Resume:
-        if not retrying or not isinstance(error, FenderError):
+        if retrying and isinstance(error, FenderError):
+            retry = self._after_error(ctx, error, 1)
+            if retry is not None:
+                return self._resume(ctx, *retry)
+        try:
             raise error
-        retry = self._after_error(ctx, error, 1)
-        if retry is None:
-            raise error
-        return self._resume(ctx, *retry)
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     def _resume(self, ctx: RequestContext, reason: str, delay: float) -> Resume:
         return Resume(lambda inner: self._retry(inner, ctx, 1, reason, delay))

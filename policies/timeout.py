@@ -102,7 +102,10 @@ class TimeoutPolicy:
         if isinstance(error, TimedOut) and error.message != self._message and self.clock.now() >= deadline:
             ctx.emit(self._event)
             raise TimedOut(self._message) from None
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     async def within(self, ctx: RequestContext, deadline: float, awaitable: Awaitable[Outcome]) -> Outcome:
         """A covered timeout's await outside the shorter one (a retry's next attempts): cut off at `deadline`."""
@@ -136,6 +139,7 @@ class TimeoutPolicy:
         finally:
             entry[STATE] = DONE
             ctx.deadline = entry[OUTER]
+            del error  # (the traceback holds this frame: see Guard.exit_error)
 
     async def __call__(self, call: Call, ctx: RequestContext) -> Outcome:
         entry = self.enter(ctx, self.clock.now(), ctx.task or current_task())

@@ -109,7 +109,10 @@ class Upstream:
             return Outcome(response.status, response.headers, response, None, response.release)
         if observer is not None:
             observer.attempt_finished(ctx, token, None, error)
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # the traceback holds this frame: a frame holding it back would be a reference cycle
 
     async def close(self) -> None:
         if self._pool is not None:
