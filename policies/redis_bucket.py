@@ -211,7 +211,10 @@ class RedisBucketStore:
         if self._open_until:
             if self._probing or self.clock.now() < self._open_until:
                 self._failed(None)
-                raise self._unavailable
+                # one error for every request while the circuit is open: a raise adds its frames to
+                # the traceback it already has, so without the last one it would hold the frames
+                # (and the request contexts) of every request refused since Redis went away
+                raise self._unavailable.with_traceback(None)
             self._probing = True  # this request probes; the others keep failing fast meanwhile
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()

@@ -211,6 +211,22 @@ async def test_store_fails_fast_while_redis_is_down_and_recovers(
         await store.stop()
 
 
+async def test_failing_fast_keeps_no_traceback_of_the_requests_before() -> None:
+    # (no Redis needed: a free port refuses, and the circuit opens)
+    store = RedisBucketStore.from_url(f"redis://127.0.0.1:{free_port()}", clock=FakeClock())
+    try:
+        for _ in range(50):
+            with pytest.raises(BucketStoreError):
+                await store.acquire("k:", 100.0, 10, 0.0)
+        assert not store.available
+        frames, tb = 0, store._unavailable.__traceback__
+        while tb is not None:
+            frames, tb = frames + 1, tb.tb_next
+        assert frames <= 3  # the last refusal's, not two for each of the 49 before it
+    finally:
+        await store.stop()
+
+
 async def test_a_give_back_while_redis_is_down_does_not_raise(private_redis: PrivateRedis, prefix: str) -> None:
     clock = StalledClock()
     store = RedisBucketStore.from_url(f"{private_redis.url}?key_prefix={prefix}", clock=clock)
