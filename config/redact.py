@@ -95,10 +95,10 @@ def mask_url_password(text: str, url: str) -> str:
     piece of it a parser may have cut out and quoted (`invalid port 'pa'`), replaced by `***`.
     (Only a password cut short is masked in pieces: those of a whole one would mask words.)"""
     pieces = {piece for secret, cut in _passwords(url)
-              for piece in ((secret, *_PASSWORD_PIECES.split(secret)) if cut else (secret,))
-              if len(piece) > 1}  # (a single character tells nothing, and would garble the message)
+              for piece in ((secret, *_PASSWORD_PIECES.split(secret)) if cut else (secret,)) if piece}
     for piece in sorted(pieces, key=len, reverse=True):
-        text = text.replace(piece, "***")
+        # (a one-character piece is masked where quoted only: elsewhere it would mask letters of words)
+        text = text.replace(piece, "***") if len(piece) > 1 else text.replace(f"'{piece}'", "'***'")
     return text
 
 

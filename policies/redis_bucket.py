@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -113,12 +112,9 @@ def url_problem(url: str) -> str | None:
         return None
     except Exception as exc:  # ValueError mostly: a scheme, port or query value redis-py refuses
         problem = str(exc).rstrip(".")
-    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]  # never echoed, nor part of it
-    # (urlsplit ends the authority at the first / ? or # of an unescaped password, and quotes what
-    # it took for the port: a piece of the password)
-    for piece in sorted(filter(None, re.split("[:/?#]", password)), key=len, reverse=True):
-        # (a one-character piece is masked where quoted only: elsewhere it would mask letters of words)
-        problem = problem.replace(piece, "***") if len(piece) > 1 else problem.replace(f"'{piece}'", "'***'")
+    from config.redact import mask_url_password
+
+    problem = mask_url_password(problem, url)  # (never the password, nor a piece of it a parser quoted)
     return f"{problem}: use redis://[:password@]host:port/db, rediss://... or unix:///path"
 
 
